@@ -1,0 +1,1 @@
+"""sftcore's built-in stages, each an ordinary plugin listed in registry.yaml."""

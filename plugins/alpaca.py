@@ -1,0 +1,71 @@
+"""Alpaca prompt templates: `alpaca` (Stanford text) and `alpaca-output` (`### Output:` marker).
+
+Both prompts end in a newline after the response marker, so no token can straddle the
+prompt/response seam (a bare `Response:` merges with a leading `-` in byte-level BPE).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from sftcore import hookimpl
+from sftcore.errors import FieldError
+
+HEAD_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+)
+HEAD_NO_INPUT = "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+
+
+class AlpacaTemplate:
+    def __init__(
+        self,
+        instruction_field: str = "instruction",
+        input_field: str = "input",
+        output_field: str = "output",
+        response_marker: str = "Response",
+    ) -> None:
+        self.fields = (instruction_field, input_field, output_field)
+        self.marker = response_marker
+
+    def prompt(self, instruction: str, context: str | None = None) -> str:
+        """The inference prompt: the input variant only when ``context`` is a non-empty string."""
+        if context:
+            return f"{HEAD_INPUT}### Instruction:\n{instruction}\n\n### Input:\n{context}\n\n### {self.marker}:\n"
+        return f"{HEAD_NO_INPUT}### Instruction:\n{instruction}\n\n### {self.marker}:\n"
+
+    def format(self, example: Mapping[str, Any]) -> tuple[str, str]:
+        instruction_field, input_field, output_field = self.fields
+        instruction = _text(example, instruction_field, required=True)
+        context = _text(example, input_field, required=False)
+        response = _text(example, output_field, required=True).strip()
+        if not response:
+            raise FieldError(output_field, "is empty after stripping whitespace", reason="empty-field")
+        return self.prompt(instruction, context if context and context.strip() else None), response
+
+
+def _text(example: Mapping[str, Any], field: str, *, required: bool) -> str:
+    if field not in example or example[field] is None:
+        if required:
+            raise FieldError(field, "is missing", reason="missing-field")
+        return ""
+    value = example[field]
+    if not isinstance(value, str):
+        raise FieldError(field, f"must be a string, got {type(value).__name__}", reason="wrong-type")
+    if required and not value.strip():
+        raise FieldError(field, "is empty", reason="empty-field")
+    return value
+
+
+def alpaca_output(
+    instruction_field: str = "instruction", input_field: str = "input", output_field: str = "output"
+) -> AlpacaTemplate:
+    return AlpacaTemplate(instruction_field, input_field, output_field, response_marker="Output")
+
+
+@hookimpl
+def register_templates(register):
+    register("alpaca", AlpacaTemplate, description="Stanford Alpaca prompt, with and without input")
+    register("alpaca-output", alpaca_output, description="Alpaca prompt with the '### Output:' marker")

@@ -1,0 +1,132 @@
+"""Model loader `flash`: AutoModelForCausalLM + AutoTokenizer from a local checkpoint.
+
+Attention: FlashAttention 4, 3 or 2 when the package is installed and a CUDA GPU of a
+generation it supports is present, else PyTorch's sdpa; one log line says which and why.
+Precision: bf16 where the GPU supports it, fp32 otherwise (CPU training in bf16 is slower).
+The tokenizer pads on the right, adds no EOS by itself and gets a pad token if it lacks one:
+an unused special token it already has (unk, a reserved or pad token), else a new ``<|pad|>``
+with the embeddings resized to a multiple of 64, new rows initialised to the mean of the old.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+from sftcore import hookimpl
+
+log = logging.getLogger("sftcore.loader")
+
+Attention = Literal["auto", "flash_attention_4", "flash_attention_3", "flash_attention_2", "sdpa", "eager"]
+PAD_MULTIPLE = 64
+
+
+def pick_attention(requested: str = "auto") -> tuple[str, str]:
+    """``(attn_implementation, why)`` for this machine."""
+    if requested != "auto":
+        return requested, "asked for with attn_implementation"
+    import torch
+
+    if not torch.cuda.is_available():
+        return "sdpa", "no CUDA device"
+    major, minor = torch.cuda.get_device_capability()
+    if major < 8:
+        return "sdpa", f"GPU compute capability {major}.{minor} is older than FlashAttention's 8.0"
+    from transformers.utils import import_utils as iu
+
+    if major >= 9 and iu.is_flash_attn_4_available():
+        return "flash_attention_4", f"flash-attn-4 installed, sm_{major}{minor}"
+    if major == 9 and iu.is_flash_attn_3_available():
+        return "flash_attention_3", f"flash-attn-3 installed, sm_{major}{minor}"
+    if iu.is_flash_attn_2_available():
+        return "flash_attention_2", f"flash-attn installed, sm_{major}{minor}"
+    return "sdpa", "no FlashAttention package installed (pip install 'sftcore[flash]')"
+
+
+def pick_dtype(requested: str = "auto") -> Any:
+    import torch
+
+    if requested != "auto":
+        return getattr(torch, requested)
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+class FlashLoader:
+    def __init__(
+        self,
+        attn_implementation: Attention = "auto",
+        dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto",
+        max_length: int | None = None,
+        trust_remote_code: bool = False,
+        allow_pickle: bool = False,
+    ) -> None:
+        self.options = {
+            "attn_implementation": attn_implementation,
+            "dtype": dtype,
+            "max_length": max_length,
+            "trust_remote_code": trust_remote_code,
+            "allow_pickle": allow_pickle,
+        }
+
+    def load(self, model_name_or_path: str, **options: Any) -> tuple[Any, Any]:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        opts = {**self.options, **options}
+        if opts["trust_remote_code"]:
+            log.warning("trust_remote_code is on: code shipped in %s will run", model_name_or_path)
+        attention, why = pick_attention(opts["attn_implementation"])
+        dtype = pick_dtype(opts["dtype"])
+        log.info("attention: %s (%s); dtype: %s", attention, why, str(dtype).removeprefix("torch."))
+        tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, trust_remote_code=opts["trust_remote_code"])
+        model = AutoModelForCausalLM.from_pretrained(
+            model_name_or_path,
+            dtype=dtype,
+            attn_implementation=attention,
+            trust_remote_code=opts["trust_remote_code"],
+            use_safetensors=None if opts["allow_pickle"] else True,
+        )
+        prepare_tokenizer(tokenizer, model, opts["max_length"])
+        return model, tokenizer
+
+
+def prepare_tokenizer(tokenizer: Any, model: Any, max_length: int | None = None) -> None:
+    """Right padding, no automatic EOS, a pad token, and ``model_max_length`` from the model."""
+    tokenizer.padding_side = "right"
+    if getattr(tokenizer, "add_eos_token", False):
+        tokenizer.add_eos_token = False
+    limit = max_length or getattr(model.config, "max_position_embeddings", None)
+    if limit:
+        tokenizer.model_max_length = int(limit)
+    if tokenizer.pad_token_id is None:
+        add_pad_token(tokenizer, model)
+    model.config.pad_token_id = tokenizer.pad_token_id
+
+
+def unused_special(tokenizer: Any) -> str | None:
+    """An existing special token that is neither BOS nor EOS and can serve as pad, if any."""
+    taken = {tokenizer.bos_token_id, tokenizer.eos_token_id}
+    if tokenizer.unk_token_id is not None and tokenizer.unk_token_id not in taken:
+        return tokenizer.unk_token
+    for token_id, added in sorted(getattr(tokenizer, "added_tokens_decoder", {}).items()):
+        name = str(added.content).lower()
+        if added.special and token_id not in taken and ("pad" in name or "reserved" in name):
+            return str(added.content)
+    return None
+
+
+def add_pad_token(tokenizer: Any, model: Any) -> None:
+    existing = unused_special(tokenizer)
+    if existing is not None:
+        tokenizer.pad_token = existing
+        log.info("pad token: using the unused special token %r", existing)
+        return
+    tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+    model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=PAD_MULTIPLE, mean_resizing=True)
+    log.info("pad token: added '<|pad|>', embeddings resized to %d", model.get_input_embeddings().weight.shape[0])
+
+
+@hookimpl
+def register_model_loaders(register):
+    register("flash", FlashLoader, description="HF checkpoint with FlashAttention when available, else sdpa; bf16")

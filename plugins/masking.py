@@ -1,0 +1,88 @@
+"""Maskers `response-only` (loss on the response and EOS) and `full` (loss on every token).
+
+Truncation policies, applied when prompt + response + EOS exceed ``max_length``:
+
+* ``prompt-left`` (default): cut the prompt's oldest tokens, keeping its leading specials
+  (BOS) and its end (the response marker). The prompt keeps at least half the budget when it
+  is that long; the response gets the rest. A response cut short loses its EOS (the model must
+  not learn to stop mid-sentence) and is counted as ``truncated: response``.
+* ``right``: the reference recipe's behaviour, cut the whole sequence on the right; a row left
+  without a supervised token is dropped.
+* ``drop``: drop every row that does not fit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from sftcore import IGNORE_INDEX, RowDropped, hookimpl
+from sftcore.tokens import encode_prompts, encode_texts, eos_id, special_affixes
+
+Truncation = Literal["prompt-left", "right", "drop"]
+
+
+class SeparateMasker:
+    """Prompt and response tokenized separately; ids concatenated; EOS appended as an id."""
+
+    def __init__(self, truncation: Truncation = "prompt-left", train_on_prompt: bool = False) -> None:
+        if truncation not in ("prompt-left", "right", "drop"):
+            raise ValueError(f"truncation must be prompt-left, right or drop, not {truncation!r}")
+        self.truncation = truncation
+        self.train_on_prompt = train_on_prompt
+
+    def __call__(self, prompt: str, response: str, tokenizer: Any, max_length: int) -> dict:
+        result = self.batch([prompt], [response], tokenizer, max_length)[0]
+        if isinstance(result, RowDropped):
+            raise result
+        return result
+
+    def batch(
+        self, prompts: Sequence[str], responses: Sequence[str], tokenizer: Any, max_length: int
+    ) -> list[dict | RowDropped]:
+        eos = eos_id(tokenizer)
+        n_prefix = len(special_affixes(tokenizer)[0])
+        out: list[dict | RowDropped] = []
+        for p, r in zip(encode_prompts(tokenizer, prompts), encode_texts(tokenizer, responses)):
+            try:
+                out.append(self._one(p, r + [eos], n_prefix, max_length))
+            except RowDropped as dropped:
+                out.append(dropped)
+        return out
+
+    def _one(self, prompt: list[int], response: list[int], n_prefix: int, max_length: int) -> dict:
+        truncated = None
+        if len(prompt) + len(response) > max_length:
+            if self.truncation == "drop":
+                raise RowDropped("too-long", f"{len(prompt) + len(response)} tokens > max_length {max_length}")
+            if self.truncation == "right":
+                response = response[: max(0, max_length - len(prompt))]
+                prompt = prompt[:max_length]
+                truncated = "response"
+            else:
+                keep = min(len(prompt), max(max_length - len(response), max_length // 2))
+                if keep < len(prompt):
+                    tail = max(0, keep - n_prefix)
+                    prompt = prompt[:n_prefix] + (prompt[len(prompt) - tail :] if tail else [])
+                    truncated = "prompt"
+                room = max_length - len(prompt)
+                if room < len(response):
+                    response = response[: max(0, room)]
+                    truncated = "response"
+        if not response:
+            raise RowDropped("prompt-too-long", f"no room left for the response within max_length {max_length}")
+        labels = (prompt if self.train_on_prompt else [IGNORE_INDEX] * len(prompt)) + response
+        row: dict = {"input_ids": prompt + response, "labels": list(labels)}
+        if truncated:
+            row["truncated"] = truncated
+        return row
+
+
+def full_masker(truncation: Truncation = "prompt-left") -> SeparateMasker:
+    return SeparateMasker(truncation=truncation, train_on_prompt=True)
+
+
+@hookimpl
+def register_maskers(register):
+    register("response-only", SeparateMasker, description="loss on response tokens and EOS only; prompt is -100")
+    register("full", full_masker, description="loss on every token (prompt too), for comparison")

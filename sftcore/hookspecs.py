@@ -1,0 +1,106 @@
+"""Hook specifications: the contract between the sftcore host and its plugins.
+
+Every pipeline stage is contributed through a *registration hook*. The host calls each
+registration hook once per plugin with a ``register`` callable::
+
+    register(name: str, factory: Callable[..., Component], *,
+             description: str = "", override: bool = False) -> None
+
+``factory(**options)`` builds the component; options come from the command line
+(``--template-opt key=value``) or the YAML config and are checked against the factory's
+signature before anything heavy runs. The component protocols are in ``sftcore.protocols``.
+
+All hooks here are *collecting* hooks (every plugin is called; none is first-result-wins),
+so the order in which plugins load never decides which component is used: the user picks
+by name, and two plugins registering the same (stage, name) is an error unless one of
+them passes ``override=True``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+import pluggy
+
+from sftcore import PROJECT
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+
+
+class Register(Protocol):
+    """The ``register`` callable handed to every registration hook."""
+
+    def __call__(
+        self, name: str, factory: Callable[..., Any], *, description: str = "", override: bool = False
+    ) -> None: ...
+
+
+@hookspec
+def register_templates(register: Register) -> None:
+    """Register prompt templates (stage ``template``).
+
+    :param register: call ``register(name, factory, description=..., override=...)`` once per
+        template. ``factory(**options)`` must return an object satisfying
+        ``sftcore.protocols.Template``: ``format(example) -> (prompt, response)``.
+
+    Return value: ignored. Called on every plugin. Since 0.1.
+    """
+
+
+@hookspec
+def register_maskers(register: Register) -> None:
+    """Register maskers (stage ``masker``): text pair to ``input_ids`` and ``labels``.
+
+    :param register: as for ``register_templates``; ``factory(**options)`` returns a
+        ``sftcore.protocols.Masker``. A masker raises ``sftcore.RowDropped(reason)`` for a row
+        that would have no supervised token; it never returns all labels ``-100``.
+
+    Return value: ignored. Called on every plugin. Since 0.1.
+    """
+
+
+@hookspec
+def register_collators(register: Register) -> None:
+    """Register collators (stage ``collator``): list of masked rows to a batch of tensors.
+
+    :param register: as for ``register_templates``; ``factory(**options)`` returns a
+        ``sftcore.protocols.Collator``. The host passes the tokenizer's pad id as the
+        ``pad_token_id`` option when the factory accepts one.
+
+    Return value: ignored. Called on every plugin. Since 0.1.
+    """
+
+
+@hookspec
+def register_model_loaders(register: Register) -> None:
+    """Register model loaders (stage ``loader``): checkpoint path to (model, tokenizer).
+
+    :param register: as for ``register_templates``; ``factory(**options)`` returns a
+        ``sftcore.protocols.ModelLoader``.
+
+    Return value: ignored. Called on every plugin. Since 0.1.
+    """
+
+
+@hookspec
+def register_data_readers(register: Register) -> None:
+    """Register data readers (stage ``reader``): a file to an iterator of rows.
+
+    :param register: as for ``register_templates``; ``factory(**options)`` returns a
+        ``sftcore.protocols.DataReader``. The host picks a reader by the file's suffix
+        (``reader.suffixes``) unless one is named with ``--reader``.
+
+    Return value: ignored. Called on every plugin. Since 0.1.
+    """
+
+
+@hookspec
+def trainer_callbacks(config: Mapping[str, Any]) -> list[Any] | None:
+    """Contribute ``transformers.TrainerCallback`` instances to a training run.
+
+    :param config: the effective run configuration (read-only), as saved next to the model
+        in ``sft_config.yaml``.
+    :return: a list of callbacks (possibly empty) or ``None``. Called on every plugin; the
+        lists are concatenated in plugin load order. Since 0.1.
+    """

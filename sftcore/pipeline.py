@@ -1,0 +1,162 @@
+"""Data flow of one run: file -> rows -> (prompt, response) -> masked rows, with counts.
+
+Nothing here knows a component by name: the template, masker and reader come in built.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from sftcore import IGNORE_INDEX
+from sftcore.errors import DataError, FieldError, RowDropped, UsageError
+from sftcore.registry import Registry
+
+OnBadRow = Literal["error", "skip"]
+MASK_BATCH = 1024
+
+
+@dataclass
+class Formatted:
+    row: int
+    prompt: str
+    response: str
+
+
+@dataclass
+class Prepared:
+    """Masked rows ready for a collator, plus what happened to every input row."""
+
+    rows: list[dict] = field(default_factory=list)  # input_ids, labels, row (+ truncated)
+    rows_read: int = 0
+    skipped: Counter = field(default_factory=Counter)  # bad rows under --on-bad-row skip, by reason
+    dropped: Counter = field(default_factory=Counter)  # rows a masker could not train on, by reason
+    truncated: Counter = field(default_factory=Counter)  # kept rows that were cut: prompt / response
+    dropped_rows: dict[int, str] = field(default_factory=dict)  # source row -> reason
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(r["input_ids"]) for r in self.rows)
+
+    @property
+    def supervised_tokens(self) -> int:
+        return sum(sum(1 for label in r["labels"] if label != IGNORE_INDEX) for r in self.rows)
+
+
+def pick_reader(registry: Registry, path: str, name: str | None = None) -> Any:
+    """The reader named, or the one whose suffixes match the file."""
+    if name:
+        return registry.build("reader", name)
+    suffix = Path(path).suffix.lower()
+    for component in registry.all():
+        if component.stage != "reader":
+            continue
+        reader = component.factory()
+        if suffix in tuple(getattr(reader, "suffixes", ())):
+            return reader
+    known = sorted({s for c in registry.all() if c.stage == "reader" for s in getattr(c.factory(), "suffixes", ())})
+    raise UsageError(f"{path}: no reader for '{suffix or '(no suffix)'}' files; known: {', '.join(known)}; or pass --reader NAME")
+
+
+def read_rows(reader: Any, path: str) -> Iterator[tuple[int, Mapping[str, Any] | DataError]]:
+    if not Path(path).exists():
+        raise DataError(path, None, None, "no such file", reason="missing-file")
+    yield from reader.read(path)
+
+
+def format_rows(
+    template: Any,
+    rows: Iterable[tuple[int, Mapping[str, Any] | DataError]],
+    path: str,
+    on_bad_row: OnBadRow,
+    prepared: Prepared,
+) -> list[Formatted]:
+    """Apply the template; a bad row stops the run (``error``) or is counted and left out (``skip``)."""
+    out: list[Formatted] = []
+    for number, row in rows:
+        prepared.rows_read += 1
+        if isinstance(row, DataError):
+            problem = row
+        else:
+            try:
+                prompt, response = template.format(row)
+                out.append(Formatted(number, prompt, response))
+                continue
+            except FieldError as exc:
+                problem = DataError(path, number, exc.field, exc.message, reason=exc.reason)
+            except (KeyError, TypeError, ValueError) as exc:
+                problem = DataError(path, number, None, f"template could not format the row: {exc}", reason="bad-row")
+        if on_bad_row == "error":
+            raise problem
+        prepared.skipped[problem.reason] += 1
+    return out
+
+
+def mask_rows(
+    masker: Any,
+    items: Sequence[Formatted],
+    tokenizer: Any,
+    max_length: int,
+    prepared: Prepared,
+    progress: Callable[[int], None] | None = None,
+) -> None:
+    """Tokenize and mask in batches (the masker's ``batch`` when it has one), filling ``prepared``."""
+    batch_fn = getattr(masker, "batch", None)
+    for start in range(0, len(items), MASK_BATCH):
+        chunk = items[start : start + MASK_BATCH]
+        if batch_fn is not None:
+            results = batch_fn([i.prompt for i in chunk], [i.response for i in chunk], tokenizer, max_length)
+        else:
+            results = []
+            for item in chunk:
+                try:
+                    results.append(masker(item.prompt, item.response, tokenizer, max_length))
+                except RowDropped as dropped:
+                    results.append(dropped)
+        for item, result in zip(chunk, results):
+            if isinstance(result, RowDropped):
+                prepared.dropped[result.reason] += 1
+                prepared.dropped_rows[item.row] = result.reason
+                continue
+            check_masked(result, max_length, item.row)
+            row = {"input_ids": list(result["input_ids"]), "labels": list(result["labels"]), "row": item.row}
+            if result.get("truncated"):
+                row["truncated"] = result["truncated"]
+                prepared.truncated[result["truncated"]] += 1
+            prepared.rows.append(row)
+        if progress:
+            progress(len(chunk))
+
+
+def check_masked(result: Mapping[str, Any], max_length: int, row: int) -> None:
+    """Enforce the masker contract, so a faulty third-party masker fails loudly, not silently."""
+    ids, labels = result.get("input_ids"), result.get("labels")
+    where = f"masker output for row {row}"
+    if ids is None or labels is None:
+        raise UsageError(f"{where} lacks input_ids or labels")
+    if len(ids) != len(labels):
+        raise UsageError(f"{where}: {len(ids)} input_ids but {len(labels)} labels")
+    if len(ids) > max_length:
+        raise UsageError(f"{where}: {len(ids)} tokens exceed max_length {max_length}")
+    if all(label == IGNORE_INDEX for label in labels):
+        raise UsageError(f"{where} has no supervised token; a masker must raise RowDropped instead")
+
+
+def prepare(
+    *,
+    reader: Any,
+    template: Any,
+    masker: Any,
+    tokenizer: Any,
+    path: str,
+    max_length: int,
+    on_bad_row: OnBadRow = "error",
+    progress: Callable[[int], None] | None = None,
+) -> Prepared:
+    prepared = Prepared()
+    items = format_rows(template, read_rows(reader, path), path, on_bad_row, prepared)
+    mask_rows(masker, items, tokenizer, max_length, prepared, progress)
+    return prepared

@@ -1,0 +1,85 @@
+"""Component protocols: what a factory registered through a hook must return.
+
+These are structural (``typing.Protocol``): a plugin needs no base class, only the methods.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, NotRequired, Protocol, TypedDict, runtime_checkable
+
+from sftcore.errors import DataError
+
+
+class Masked(TypedDict):
+    """One training row: ``input_ids`` and ``labels`` of equal length; ``labels`` is -100 where no loss."""
+
+    input_ids: list[int]
+    labels: list[int]
+    truncated: NotRequired[str]
+    """Set by a masker that cut the row: ``"prompt"`` or ``"response"`` (counted in the summary)."""
+
+
+@runtime_checkable
+class Template(Protocol):
+    def format(self, example: Mapping[str, Any]) -> tuple[str, str]:
+        """Return ``(prompt, response)`` for one data row.
+
+        ``prompt`` is exactly the text a user sends at inference (``sft generate`` formats
+        with the same template). ``response`` is the text to learn, without an EOS marker:
+        the masker appends EOS as a token id. Raise ``sftcore.errors.FieldError`` for a row
+        that cannot be formatted (missing, mistyped or empty field); the host adds file and row.
+        """
+        ...
+
+
+@runtime_checkable
+class Masker(Protocol):
+    def __call__(self, prompt: str, response: str, tokenizer: Any, max_length: int) -> Masked:
+        """Tokenize one (prompt, response) pair into ``input_ids`` and ``labels``.
+
+        Contract: ``len(input_ids) == len(labels) <= max_length``; at least one label is not
+        -100, otherwise raise ``sftcore.RowDropped(reason)``. A masker may also define
+        ``batch(prompts, responses, tokenizer, max_length) -> list[Masked | RowDropped]``,
+        which must return exactly what calling it row by row would; the host uses it for speed.
+        """
+        ...
+
+
+@runtime_checkable
+class Collator(Protocol):
+    def __call__(self, features: list[Masked]) -> dict[str, Any]:
+        """Turn masked rows into a batch of tensors the model's ``forward`` accepts.
+
+        Must contain ``input_ids`` and ``labels``; padding positions carry label -100. A
+        collator may define ``batch_sampler(lengths, batch_size, seed) -> Iterable[list[int]]``
+        to decide which rows share a batch (length grouping, packing to a token budget).
+        """
+        ...
+
+
+@runtime_checkable
+class ModelLoader(Protocol):
+    def load(self, model_name_or_path: str, **options: Any) -> tuple[Any, Any]:
+        """Return ``(model, tokenizer)`` ready to train.
+
+        The tokenizer pads on the right, has a pad token, adds no EOS by itself, and has
+        ``model_max_length`` set. Loading never executes code from the checkpoint unless the
+        user passed ``trust_remote_code=True``.
+        """
+        ...
+
+
+@runtime_checkable
+class DataReader(Protocol):
+    suffixes: Sequence[str]
+    """File suffixes this reader handles, e.g. ``(".jsonl",)``."""
+
+    def read(self, path: str) -> Iterator[tuple[int, Mapping[str, Any] | DataError]]:
+        """Yield ``(row_number, row)``, numbered as a user finds rows in the file (1-based).
+
+        A malformed row is yielded as a ``sftcore.errors.DataError`` in place of the row (the
+        host stops or skips it, per ``--on-bad-row``); a malformed or unreadable file raises
+        ``DataError``. Nothing else may escape.
+        """
+        ...
