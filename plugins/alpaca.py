@@ -30,20 +30,19 @@ class AlpacaTemplate:
         self.fields = (instruction_field, input_field, output_field)
         self.marker = response_marker
 
-    def prompt(self, instruction: str, context: str | None = None) -> str:
-        """The inference prompt: the input variant only when ``context`` is a non-empty string."""
-        if context:
+    def format_prompt(self, example: Mapping[str, Any]) -> str:
+        """The inference prompt; the input variant only when ``input`` is a non-blank string."""
+        instruction_field, input_field, _ = self.fields
+        instruction = _text(example, instruction_field, required=True)
+        context = _text(example, input_field, required=False)
+        if context.strip():
             return f"{HEAD_INPUT}### Instruction:\n{instruction}\n\n### Input:\n{context}\n\n### {self.marker}:\n"
         return f"{HEAD_NO_INPUT}### Instruction:\n{instruction}\n\n### {self.marker}:\n"
 
     def format(self, example: Mapping[str, Any]) -> tuple[str, str]:
-        instruction_field, input_field, output_field = self.fields
-        instruction = _text(example, instruction_field, required=True)
-        context = _text(example, input_field, required=False)
+        output_field = self.fields[2]
         response = _text(example, output_field, required=True).strip()
-        if not response:
-            raise FieldError(output_field, "is empty after stripping whitespace", reason="empty-field")
-        return self.prompt(instruction, context if context and context.strip() else None), response
+        return self.format_prompt(example), response
 
 
 def _text(example: Mapping[str, Any], field: str, *, required: bool) -> str:

@@ -32,6 +32,14 @@ class Template(Protocol):
         """
         ...
 
+    def format_prompt(self, example: Mapping[str, Any]) -> str:
+        """The inference prompt for a row that has no response (``sft generate`` uses it).
+
+        Contract: ``format(example)[0] == format_prompt(example)`` for every row ``format``
+        accepts, so training and inference prompts cannot drift apart.
+        """
+        ...
+
 
 @runtime_checkable
 class Masker(Protocol):
