@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,8 +123,13 @@ def _accepts(value: Any, hint: Any) -> bool:
     return True
 
 
-def option_problems(component: Component, options: Mapping[str, Any]) -> list[str]:
-    """Every way ``options`` do not fit the component's factory, as messages (empty when fine)."""
+def option_problems(
+    component: Component, options: Mapping[str, Any], host_provided: Iterable[str] = ()
+) -> list[str]:
+    """Every way ``options`` do not fit the component's factory, as messages (empty when fine).
+
+    ``host_provided`` names options the host passes itself (such as a collator's pad id).
+    """
     label = f"{component.stage} '{component.name}'"
     try:
         signature = inspect.signature(component.factory)
@@ -149,6 +154,6 @@ def option_problems(component: Component, options: Mapping[str, Any]) -> list[st
             shown = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
             problems.append(f"{label} option '{key}' must be {shown}, got {value!r}")
     for n, p in named.items():
-        if p.default is inspect.Parameter.empty and n not in options:
+        if p.default is inspect.Parameter.empty and n not in options and n not in set(host_provided):
             problems.append(f"{label} needs option '{n}'")
     return problems

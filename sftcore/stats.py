@@ -1,0 +1,60 @@
+"""Counters a run keeps while it trains: batch padding and the logged loss curve."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class BatchCounter:
+    """Wraps a collator and counts real and padded token positions of every batch it makes."""
+
+    collator: Any
+    real_tokens: int = 0
+    positions: int = 0
+
+    def __call__(self, features: list[dict]) -> dict[str, Any]:
+        batch = self.collator(features)
+        self.real_tokens += sum(len(f["input_ids"]) for f in features)
+        self.positions += int(batch["input_ids"].numel())
+        return batch
+
+    def __getattr__(self, name: str) -> Any:  # expose the collator's own extras (batch_sampler, ...)
+        return getattr(self.collator, name)
+
+    @property
+    def padding_fraction(self) -> float:
+        return 1.0 - self.real_tokens / self.positions if self.positions else 0.0
+
+
+@dataclass
+class LossCurve:
+    points: list[tuple[int, float]] = field(default_factory=list)
+
+    def write(self, directory: Path) -> list[Path]:
+        """``loss.csv`` always; ``loss.png`` when matplotlib is installed (``sftcore[plot]``)."""
+        written = [directory / "loss.csv"]
+        with open(written[0], "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["step", "loss"])
+            writer.writerows(self.points)
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return written
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot([p[0] for p in self.points], [p[1] for p in self.points])
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(directory / "loss.png", dpi=100)
+        plt.close(fig)
+        written.append(directory / "loss.png")
+        return written

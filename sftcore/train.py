@@ -1,0 +1,223 @@
+"""One run loop for every combination of components: load, prepare, train, save, summarise."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sftcore import config as cfg
+from sftcore.errors import SftError
+from sftcore.manager import Host
+from sftcore.pipeline import Prepared, pick_reader, prepare
+from sftcore.stats import BatchCounter, LossCurve
+
+log = logging.getLogger("sftcore.run")
+CONFIG_FILE = "sft_config.yaml"
+SUMMARY_FILE = "summary.json"
+
+
+@dataclass
+class Summary:
+    output: str
+    rows_read: int
+    rows_used: int
+    skipped: dict[str, int]
+    dropped: dict[str, int]
+    truncated: dict[str, int]
+    tokens: int
+    supervised_tokens: int
+    padding_fraction: float
+    tokens_per_second: float
+    steps: int
+    first_loss: float | None
+    last_loss: float | None
+    seconds: float
+    files: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        def reasons(counts: Mapping[str, int]) -> str:
+            return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"
+
+        first = "n/a" if self.first_loss is None else f"{self.first_loss:.4f}"
+        last = "n/a" if self.last_loss is None else f"{self.last_loss:.4f}"
+        return [
+            f"rows: {self.rows_used} used of {self.rows_read} read; skipped: {reasons(self.skipped)}; "
+            f"dropped: {reasons(self.dropped)}; truncated: {reasons(self.truncated)}",
+            f"tokens: {self.tokens} per epoch, {self.supervised_tokens} supervised "
+            f"({self.supervised_tokens / max(self.tokens, 1):.0%}); padding {self.padding_fraction:.1%} of batch positions",
+            f"speed: {self.tokens_per_second:,.0f} real tokens/s over {self.steps} steps in {self.seconds:.1f}s",
+            f"loss: first {first}, last {last}",
+            f"saved to {self.output}",
+        ]
+
+
+def build_stage(host: Host, config: Mapping[str, Any], stage: str, **host_options: Any) -> Any:
+    """Build a configured component, adding the host-provided options its factory accepts."""
+    name, options = config[stage]["name"], dict(config[stage]["options"])
+    factory = host.registry.get(stage, name).factory
+    try:
+        params = inspect.signature(factory).parameters
+        takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    except (TypeError, ValueError):
+        params, takes_any = {}, False
+    for key, value in host_options.items():
+        if key not in options and (key in params or takes_any):
+            options[key] = value
+    try:
+        return host.registry.build(stage, name, options)
+    except SftError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise SftError(f"{stage} '{name}' rejected its options: {exc}") from None
+
+
+def model_path(config: Mapping[str, Any]) -> str:
+    model = str(config["model"])
+    if model == "builtin:tiny-llama":
+        from sftcore.assets import tiny_model
+
+        return str(tiny_model(seed=int(config["training"].get("seed", 0))))
+    return model
+
+
+def default_max_length(model: Any, tokenizer: Any) -> int:
+    limit = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
+    return int(min(limit, 2048))
+
+
+def prepare_data(host: Host, config: Mapping[str, Any], tokenizer: Any, max_length: int, progress: bool = True) -> Prepared:
+    from tqdm.auto import tqdm
+
+    reader = (
+        build_stage(host, config, "reader") if config.get("reader") else pick_reader(host.registry, config["data"])
+    )
+    bar = tqdm(desc="tokenizing", unit="rows", disable=not progress, leave=False)
+    try:
+        return prepare(
+            reader=reader,
+            template=build_stage(host, config, "template"),
+            masker=build_stage(host, config, "masker"),
+            tokenizer=tokenizer,
+            path=config["data"],
+            max_length=max_length,
+            on_bad_row=config.get("on_bad_row", "error"),
+            progress=bar.update,
+        )
+    finally:
+        bar.close()
+
+
+def run(host: Host, user_config: Mapping[str, Any], *, progress: bool = True) -> Summary:
+    """Train with the Hugging Face Trainer; save weights, tokenizer, state, config and summary."""
+    config = cfg.effective(user_config)
+    cfg.check(config, host.registry)
+    started = time.perf_counter()
+    output = Path(config.get("output") or default_output(config))
+    output.mkdir(parents=True, exist_ok=True)
+    config["output"] = str(output)
+
+    loader = build_stage(host, config, "loader")
+    model, tokenizer = loader.load(model_path(config))
+    max_length = config.get("max_length") or default_max_length(model, tokenizer)
+    config["max_length"] = max_length
+    data = prepare_data(host, config, tokenizer, max_length, progress)
+    if not data.rows:
+        raise SftError(
+            f"{config['data']}: no row left to train on ({data.rows_read} read; skipped {dict(data.skipped)}; "
+            f"dropped {dict(data.dropped)}); check max_length and the template's field names"
+        )
+    collator = BatchCounter(build_stage(host, config, "collator", pad_token_id=tokenizer.pad_token_id))
+    curve = LossCurve()
+    trainer = build_trainer(host, config, model, tokenizer, data, collator, curve, output, progress)
+    cfg.dump(config, output / CONFIG_FILE)
+    result = trainer.train()
+    trainer.save_model(str(output))  # weights (safetensors) and tokenizer, no optimizer state
+    trainer.save_state()
+    files = [str(p) for p in curve.write(output)]
+    seconds = time.perf_counter() - started
+    summary = Summary(
+        output=str(output),
+        rows_read=data.rows_read,
+        rows_used=len(data.rows),
+        skipped=dict(data.skipped),
+        dropped=dict(data.dropped),
+        truncated=dict(data.truncated),
+        tokens=data.tokens,
+        supervised_tokens=data.supervised_tokens,
+        padding_fraction=collator.padding_fraction,
+        tokens_per_second=collator.real_tokens / max(result.metrics.get("train_runtime", seconds), 1e-9),
+        steps=int(result.global_step),
+        first_loss=curve.points[0][1] if curve.points else None,
+        last_loss=curve.points[-1][1] if curve.points else None,
+        seconds=seconds,
+        files=files,
+    )
+    (output / SUMMARY_FILE).write_text(json.dumps(asdict(summary), indent=2) + "\n")
+    return summary
+
+
+def default_output(config: Mapping[str, Any]) -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return f"sft-runs/{'demo' if config['model'] == 'builtin:tiny-llama' else 'run'}-{stamp}"
+
+
+def build_trainer(host, config, model, tokenizer, data, collator, curve, output, progress=True):
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    class RecordLoss(TrainerCallback):
+        """Keeps every logged loss and shows one progress bar with the latest loss on it."""
+
+        bar = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="training", unit="step", disable=not progress)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.bar.update(state.global_step - self.bar.n)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                curve.points.append((state.global_step, float(logs["loss"])))
+                self.bar.set_postfix(loss=f"{float(logs['loss']):.4f}", refresh=False)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.bar.close()
+
+    training = dict(config["training"])
+    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    arguments = {
+        "output_dir": str(output),
+        "bf16": bf16,
+        "logging_steps": 1,
+        "logging_first_step": True,
+        "save_strategy": "steps",
+        "save_steps": 500,
+        "save_total_limit": 2,
+        "report_to": "none",
+        "remove_unused_columns": False,
+        "dataloader_num_workers": 0,
+        **training,
+    }
+    callbacks = [RecordLoss()]
+    for _plugin, contributed in host.call_each("trainer_callbacks", config=config):
+        callbacks.extend(contributed)
+    trainer = Trainer(
+        model=model,
+        args=TrainingArguments(**arguments),
+        train_dataset=data.rows,
+        data_collator=collator,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+    for noisy in (ProgressCallback, PrinterCallback):  # they print a dict per logged step
+        trainer.remove_callback(noisy)
+    return trainer
