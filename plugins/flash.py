@@ -71,7 +71,7 @@ class FlashLoader:
         }
 
     def load(self, model_name_or_path: str, **options: Any) -> tuple[Any, Any]:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
         opts = {**self.options, **options}
         if opts["trust_remote_code"]:
@@ -79,7 +79,7 @@ class FlashLoader:
         attention, why = pick_attention(opts["attn_implementation"])
         dtype = pick_dtype(opts["dtype"])
         log.info("attention: %s (%s); dtype: %s", attention, why, str(dtype).removeprefix("torch."))
-        tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, trust_remote_code=opts["trust_remote_code"])
+        tokenizer = self.load_tokenizer(model_name_or_path, **options)
         model = AutoModelForCausalLM.from_pretrained(
             model_name_or_path,
             dtype=dtype,
@@ -87,21 +87,34 @@ class FlashLoader:
             trust_remote_code=opts["trust_remote_code"],
             use_safetensors=None if opts["allow_pickle"] else True,
         )
-        prepare_tokenizer(tokenizer, model, opts["max_length"])
+        if tokenizer.pad_token_id is None:
+            add_pad_token(tokenizer, model)
+        model.config.pad_token_id = tokenizer.pad_token_id
         return model, tokenizer
 
+    def load_tokenizer(self, model_name_or_path: str, **options: Any) -> Any:
+        """The tokenizer exactly as `load` prepares it, without loading weights (for `sft preview`).
 
-def prepare_tokenizer(tokenizer: Any, model: Any, max_length: int | None = None) -> None:
-    """Right padding, no automatic EOS, a pad token, and ``model_max_length`` from the model."""
-    tokenizer.padding_side = "right"
-    if getattr(tokenizer, "add_eos_token", False):
-        tokenizer.add_eos_token = False
-    limit = max_length or getattr(model.config, "max_position_embeddings", None)
-    if limit:
-        tokenizer.model_max_length = int(limit)
-    if tokenizer.pad_token_id is None:
-        add_pad_token(tokenizer, model)
-    model.config.pad_token_id = tokenizer.pad_token_id
+        Right padding, no automatic EOS, ``model_max_length`` from the option or the model's
+        config. A missing pad token is only filled in by `load` (it may resize the model).
+        """
+        from transformers import AutoConfig, AutoTokenizer
+
+        opts = {**self.options, **options}
+        tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, trust_remote_code=opts["trust_remote_code"])
+        tokenizer.padding_side = "right"
+        if getattr(tokenizer, "add_eos_token", False):
+            tokenizer.add_eos_token = False
+        limit = opts["max_length"]
+        if limit is None:
+            try:
+                config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=opts["trust_remote_code"])
+                limit = getattr(config, "max_position_embeddings", None)
+            except (OSError, ValueError):  # a tokenizer-only directory
+                limit = None
+        if limit:
+            tokenizer.model_max_length = int(limit)
+        return tokenizer
 
 
 def unused_special(tokenizer: Any) -> str | None:

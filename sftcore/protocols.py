@@ -73,7 +73,9 @@ class ModelLoader(Protocol):
 
         The tokenizer pads on the right, has a pad token, adds no EOS by itself, and has
         ``model_max_length`` set. Loading never executes code from the checkpoint unless the
-        user passed ``trust_remote_code=True``.
+        user passed ``trust_remote_code=True``. A loader may also define
+        ``load_tokenizer(model_name_or_path, **options)``, returning the tokenizer prepared as
+        ``load`` would, without weights; ``sft preview`` uses it.
         """
         ...
 

@@ -86,9 +86,17 @@ def model_path(config: Mapping[str, Any]) -> str:
     return model
 
 
+MAX_LENGTH_CAP = 2048
+
+
 def default_max_length(model: Any, tokenizer: Any) -> int:
     limit = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
-    return int(min(limit, 2048))
+    return int(min(limit, MAX_LENGTH_CAP))
+
+
+def default_max_length_for(tokenizer: Any) -> int:
+    """The same default from a tokenizer prepared by the loader (model_max_length = the model's)."""
+    return int(min(tokenizer.model_max_length, MAX_LENGTH_CAP))
 
 
 def prepare_data(host: Host, config: Mapping[str, Any], tokenizer: Any, max_length: int, progress: bool = True) -> Prepared:
@@ -205,6 +213,7 @@ def build_trainer(host, config, model, tokenizer, data, collator, curve, output,
         "report_to": "none",
         "remove_unused_columns": False,
         "dataloader_num_workers": 0,
+        "dataloader_pin_memory": torch.cuda.is_available(),
         **training,
     }
     callbacks = [RecordLoss()]

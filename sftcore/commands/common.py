@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from sftcore.manager import Host, load_host
+from sftcore.registry import STAGES
 
 
 def host_from(ctx: click.Context) -> Host:
@@ -16,3 +17,13 @@ def host_from(ctx: click.Context) -> Host:
             click.echo(f"Warning: {problem}", err=True)
         obj["host"] = host
     return obj["host"]
+
+
+def stage_options(function):
+    """`--template NAME --template-opt k=v` (and so on) for every stage."""
+    for stage in reversed(list(STAGES)):
+        function = click.option(
+            f"--{stage}-opt", f"{stage}_opts", multiple=True, metavar="KEY=VALUE", help=f"Option for the {stage} (repeatable)."
+        )(function)
+        function = click.option(f"--{stage}", f"{stage}_name", metavar="NAME", help=f"{stage.capitalize()} component by name.")(function)
+    return function

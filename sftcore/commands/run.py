@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from sftcore import config as cfg
-from sftcore.commands.common import host_from
+from sftcore.commands.common import host_from, stage_options
 from sftcore.registry import STAGES
 
 FLAG_TO_TRAINING = {
@@ -16,16 +16,6 @@ FLAG_TO_TRAINING = {
     "seed": "seed",
     "max_steps": "max_steps",
 }
-
-
-def stage_options(function):
-    """`--template NAME --template-opt k=v` (and so on) for every stage."""
-    for stage in reversed(list(STAGES)):
-        function = click.option(
-            f"--{stage}-opt", f"{stage}_opts", multiple=True, metavar="KEY=VALUE", help=f"Option for the {stage} (repeatable)."
-        )(function)
-        function = click.option(f"--{stage}", f"{stage}_name", metavar="NAME", help=f"{stage.capitalize()} component by name.")(function)
-    return function
 
 
 def config_from_cli(config_file: str | None, values: dict, sets: tuple[str, ...]) -> dict:

@@ -1,0 +1,80 @@
+"""`sft generate`: answer with a trained model, prompting exactly as training did."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from sftcore import config as cfg
+from sftcore.commands.common import host_from
+from sftcore.errors import UsageError
+
+
+def prompt_for(host, run_config: dict, row: dict) -> str:
+    from sftcore.train import build_stage
+
+    template = build_stage(host, run_config, "template")
+    try:
+        return template.format_prompt(row)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UsageError(f"the run's template cannot build a prompt from {sorted(row)}: {exc}; pass --row JSON") from None
+
+
+@click.command("generate")
+@click.option("--model", required=True, type=click.Path(), help="Output directory of `sft run`.")
+@click.option("--instruction", help="The instruction.")
+@click.option("--input", "context", help="Optional input/context for the instruction.")
+@click.option("--row", "row_json", help="A whole data row as JSON, for templates with other fields.")
+@click.option("--max-new-tokens", type=int, default=128, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 means greedy decoding.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--show-prompt", is_flag=True, help="Print the prompt before the answer.")
+@click.pass_context
+def command(ctx, model, instruction, context, row_json, max_new_tokens, temperature, seed, show_prompt) -> None:
+    """Generate a response with the template the run was trained with."""
+    config_path = Path(model) / "sft_config.yaml"
+    if not config_path.is_file():
+        raise UsageError(f"{model} has no sft_config.yaml: pass the output directory of `sft run`")
+    run_config = cfg.effective(cfg.load_yaml(str(config_path)))
+    if row_json:
+        try:
+            row = json.loads(row_json)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"--row is not valid JSON: {exc}") from None
+    elif instruction is not None:
+        options = run_config["template"]["options"]
+        row = {options.get("instruction_field", "instruction"): instruction}
+        if context:
+            row[options.get("input_field", "input")] = context
+    else:
+        raise UsageError("give --instruction TEXT (and optionally --input TEXT), or --row JSON")
+    prompt = prompt_for(host_from(ctx), run_config, row)
+    if show_prompt:
+        click.echo(prompt)
+    click.echo(generate(model, prompt, max_new_tokens, temperature, seed))
+
+
+def generate(model_dir: str, prompt: str, max_new_tokens: int, temperature: float = 0.0, seed: int = 0) -> str:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sftcore.tokens import encode_prompts
+
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True)
+    model.eval()
+    ids = torch.tensor([encode_prompts(tokenizer, [prompt])[0]])
+    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+            **sampling,
+        )
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()

@@ -1,0 +1,111 @@
+"""`sft preview`: the exact ids and labels training would use, with the mask made visible."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from sftcore import IGNORE_INDEX
+from sftcore import config as cfg
+from sftcore.commands.common import host_from, stage_options
+from sftcore.commands.run import config_from_cli
+from sftcore.errors import UsageError
+
+
+def load_tokenizer(host, config: dict, path: str):
+    from sftcore.train import build_stage
+
+    loader = build_stage(host, config, "loader")
+    if hasattr(loader, "load_tokenizer"):
+        return loader.load_tokenizer(path)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def spans(tokenizer, ids: list[int], labels: list[int]) -> list[tuple[bool, str]]:
+    """Runs of (supervised?, decoded text) in order."""
+    out: list[tuple[bool, list[int]]] = []
+    for token, label in zip(ids, labels):
+        supervised = label != IGNORE_INDEX
+        if out and out[-1][0] == supervised:
+            out[-1][1].append(token)
+        else:
+            out.append((supervised, [token]))
+    return [(s, tokenizer.decode(run, skip_special_tokens=False)) for s, run in out]
+
+
+@click.command("preview")
+@click.option("--data", required=True, type=click.Path(), help="Data file to preview.")
+@click.option("--model", type=click.Path(), help="Checkpoint directory (only its tokenizer and config are read).")
+@click.option("--tokenizer", "tokenizer_path", type=click.Path(), help="Tokenizer directory, instead of --model.")
+@click.option("--config", "config_file", type=click.Path(), help="Run config (e.g. a run's sft_config.yaml).")
+@stage_options
+@click.option("--max-length", type=int, help="Maximum tokens per example (default: the model's, capped at 2048).")
+@click.option("--on-bad-row", type=click.Choice(["error", "skip"]), help="Stop at a bad data row, or skip it.")
+@click.option("-n", "limit", type=int, help="Show only the first N rows.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per row: prompt, response, input_ids, labels.")
+@click.pass_context
+def command(ctx: click.Context, config_file, tokenizer_path, limit, as_json, **values) -> None:
+    """Show what the model will be trained on: prompt tokens masked, response tokens supervised."""
+    from sftcore.pipeline import Prepared, format_rows, mask_rows, pick_reader, read_rows
+    from sftcore.train import build_stage, default_max_length_for
+
+    source = values.get("model") or tokenizer_path
+    if not source:
+        raise UsageError("give --model PATH or --tokenizer PATH")
+    values["model"] = source
+    config = cfg.effective(config_from_cli(config_file, values, ()))
+    config.pop("training", None)
+    host = host_from(ctx)
+    found = [p for p in cfg.problems(config, host.registry) if not p.startswith("training:")]
+    if found:
+        raise UsageError("; ".join(found))
+    tokenizer = load_tokenizer(host, config, source)
+    max_length = config.get("max_length") or default_max_length_for(tokenizer)
+    reader = build_stage(host, config, "reader") if config.get("reader") else pick_reader(host.registry, config["data"])
+    prepared = Prepared()
+    rows = read_rows(reader, config["data"])
+    if limit is not None:
+        rows = (item for i, item in enumerate(rows) if i < limit)
+    items = format_rows(build_stage(host, config, "template"), rows, config["data"], config["on_bad_row"], prepared)
+    mask_rows(build_stage(host, config, "masker"), items, tokenizer, max_length, prepared)
+    masked = {row["row"]: row for row in prepared.rows}
+    for item in items:
+        row = masked.get(item.row)
+        record = {"row": item.row, "prompt": item.prompt, "response": item.response}
+        if row is None:
+            record["dropped"] = prepared.dropped_rows[item.row]
+        else:
+            record.update(input_ids=row["input_ids"], labels=row["labels"])
+            if "truncated" in row:
+                record["truncated"] = row["truncated"]
+        if as_json:
+            click.echo(json.dumps(record, ensure_ascii=False))
+        else:
+            show(tokenizer, record)
+    if not as_json:
+        click.echo(
+            f"{len(prepared.rows)} rows kept, {sum(prepared.dropped.values())} dropped, "
+            f"{sum(prepared.skipped.values())} skipped; max_length {max_length}"
+        )
+
+
+def show(tokenizer, record: dict) -> None:
+    if "dropped" in record:
+        click.echo(click.style(f"row {record['row']}: dropped ({record['dropped']})", fg="red", bold=True))
+        return
+    ids, labels = record["input_ids"], record["labels"]
+    supervised = sum(1 for label in labels if label != IGNORE_INDEX)
+    note = f", truncated: {record['truncated']}" if "truncated" in record else ""
+    click.echo(click.style(f"row {record['row']}: {len(ids)} tokens, {supervised} trained{note}", bold=True))
+    color = click.get_text_stream("stdout").isatty()
+    parts = []
+    for trained, text in spans(tokenizer, ids, labels):
+        if color:
+            parts.append(click.style(text, fg="green", bold=True) if trained else click.style(text, dim=True))
+        else:
+            parts.append(f"[[{text}]]" if trained else text)
+    click.echo("".join(parts))
+    click.echo("")
