@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import types
 import typing
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -123,6 +124,18 @@ def _accepts(value: Any, hint: Any) -> bool:
     return True
 
 
+def _describe(hint: Any) -> str:
+    """A type hint as a user reads it; a Literal lists its values (not just "Literal")."""
+    origin = typing.get_origin(hint)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(v) for v in typing.get_args(hint))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_describe(arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return "None"
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
 def option_problems(
     component: Component, options: Mapping[str, Any], host_provided: Iterable[str] = ()
 ) -> list[str]:
@@ -151,8 +164,7 @@ def option_problems(
             continue
         hint = hints.get(key, inspect.Parameter.empty)
         if not _accepts(value, hint):
-            shown = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
-            problems.append(f"{label} option '{key}' must be {shown}, got {value!r}")
+            problems.append(f"{label} option '{key}' must be {_describe(hint)}, got {value!r}")
     for n, p in named.items():
         if p.default is inspect.Parameter.empty and n not in options and n not in set(host_provided):
             problems.append(f"{label} needs option '{n}'")
