@@ -104,13 +104,13 @@ def load_host(
             plugin = load()
             pm.register(plugin, name=name)
         except Exception as exc:  # any import-time failure of someone else's code
-            report(f"plugin '{name}' ({dist} {version}) failed to load: {type(exc).__name__}: {exc}; {how}")
+            report(f"plugin '{name}' ({dist} {version}) failed to load: {type(exc).__name__}: {one_line(exc)}; {how}")
             return
         try:
             pm.check_pending()
         except pluggy.PluginValidationError as exc:
             pm.unregister(name=name)
-            report(f"plugin '{name}' ({dist} {version}) has an invalid hook: {exc}; {how}")
+            report(f"plugin '{name}' ({dist} {version}) has an invalid hook: {one_line(exc)}; {how}")
             return
         host.plugins.append(PluginInfo(name, dist, version, builtin))
 
@@ -159,10 +159,15 @@ def _collect_components(host: Host, report: Callable[[str], None]) -> None:
             except Exception as exc:
                 report(
                     f"plugin '{info.name}' ({info.distribution} {info.version}) failed in {hook}: "
-                    f"{type(exc).__name__}: {exc}; disable it with SFT_DISABLE_PLUGINS={info.name}"
+                    f"{type(exc).__name__}: {one_line(exc)}; disable it with SFT_DISABLE_PLUGINS={info.name}"
                 )
             if host.trace:
                 print(f"sft trace: {hook} -> {info.name}: {', '.join(registered) or '(none)'}", file=sys.stderr)
+
+
+def one_line(exc: BaseException) -> str:
+    """The exception's message on one line: pluggy's validation errors span several."""
+    return " ".join(str(exc).split())
 
 
 def metadata_version(dist: str) -> str:
