@@ -48,11 +48,21 @@ class Host:
     trace: bool = False
 
     def call_each(self, hook: str, **kwargs: Any) -> list[tuple[str, Any]]:
-        """Call ``hook`` on every plugin separately; return ``(plugin, result)`` for those that answered."""
+        """Call ``hook`` on every plugin separately; return ``(plugin, result)`` for those that answered.
+
+        A plugin raising here is reported as a `PluginError` naming it: a run must not go on
+        without a component the user asked for, but it must say whose code failed.
+        """
         results = []
         for impl in getattr(self.pm.hook, hook).get_hookimpls():
             args = {k: kwargs[k] for k in impl.argnames}
-            result = impl.function(**args)
+            try:
+                result = impl.function(**args)
+            except Exception as exc:
+                raise PluginError(
+                    f"plugin '{impl.plugin_name}' failed in {hook}: {type(exc).__name__}: {exc}; "
+                    f"disable it with SFT_DISABLE_PLUGINS={impl.plugin_name}"
+                ) from exc
             if self.trace:
                 print(f"sft trace: {hook} -> {impl.plugin_name}: {result!r}", file=sys.stderr)
             if result is not None:
