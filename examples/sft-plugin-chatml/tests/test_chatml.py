@@ -1,0 +1,180 @@
+"""The chatml template and masker, checked with sftcore's test kit on its tiny tokenizer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import sft_plugin_chatml
+from sftcore import IGNORE_INDEX
+from sftcore.errors import FieldError, UsageError
+from sftcore.registry import option_problems
+from sftcore.testing import check_mask_invariants
+
+CHAT = Path(__file__).resolve().parent.parent / "data" / "chat.jsonl"
+ROWS = [json.loads(line) for line in CHAT.read_text(encoding="utf-8").splitlines()]
+TWO_TURNS = {
+    "messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Opposite of hot?"},
+        {"role": "assistant", "content": "Cold."},
+        {"role": "user", "content": "Of up?"},
+        {"role": "assistant", "content": " Down. "},
+    ]
+}
+
+
+@pytest.fixture
+def host(sft_host):
+    return sft_host(chatml=sft_plugin_chatml)
+
+
+@pytest.fixture
+def template(host):
+    return host.registry.build("template", "chatml")
+
+
+def supervised_text(tokenizer, masked) -> list[str]:
+    """The supervised runs of a masked row, decoded."""
+    runs, run = [], []
+    for token, label in zip(masked["input_ids"], masked["labels"]):
+        if label != IGNORE_INDEX:
+            run.append(token)
+        elif run:
+            runs, run = runs + [run], []
+    return [tokenizer.decode(r) for r in runs + ([run] if run else [])]
+
+
+def test_registers_template_and_masker(host):
+    assert host.registry.get("template", "chatml").plugin == "chatml"
+    assert host.registry.get("masker", "chatml").plugin == "chatml"
+
+
+def test_renders_chatml_and_splits_off_the_last_reply(template):
+    prompt, response = template.format(TWO_TURNS)
+    assert prompt == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n"
+        "<|im_start|>user\nOpposite of hot?<|im_end|>\n"
+        "<|im_start|>assistant\nCold.<|im_end|>\n"
+        "<|im_start|>user\nOf up?<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    assert response == "Down."
+    assert template.format_prompt(TWO_TURNS) == prompt
+
+
+def test_generation_prompt_for_a_question_and_for_an_alpaca_row(template):
+    question = {"messages": [{"role": "user", "content": "Hi?"}]}
+    assert template.format_prompt(question) == "<|im_start|>user\nHi?<|im_end|>\n<|im_start|>assistant\n"
+    alpaca = {"instruction": "Translate.", "input": "bonjour", "output": "hello"}
+    assert template.format(alpaca) == (
+        "<|im_start|>user\nTranslate.\n\nbonjour<|im_end|>\n<|im_start|>assistant\n",
+        "hello",
+    )
+    assert template.format_prompt({"instruction": "Translate.", "input": ""}).startswith("<|im_start|>user\nTranslate.<|im_end|>")
+
+
+def test_system_option_goes_first_unless_the_row_has_one(host):
+    template = host.registry.build("template", "chatml", {"system": "You are terse."})
+    assert template.format(ROWS[0])[0].startswith("<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\n")
+    assert template.format(TWO_TURNS)[0].startswith("<|im_start|>system\nBe brief.<|im_end|>")
+
+
+def test_options_are_checked_against_the_factories(host):
+    masker, template = host.registry.get("masker", "chatml"), host.registry.get("template", "chatml")
+    assert option_problems(masker, {"train_on": "last", "truncation": "drop"}) == []
+    assert option_problems(template, {"system": "Be brief.", "messages_field": "conversation"}) == []
+    for component, options, words in [
+        (masker, {"train_on": "first"}, ("train_on", "all-assistant", "'first'")),
+        (masker, {"trian_on": "last"}, ("no option 'trian_on'", "train_on, truncation")),
+        (template, {"system": 3}, ("'system'", "3")),
+    ]:
+        [problem] = option_problems(component, options)
+        assert all(word in problem for word in words), problem
+
+
+def msgs(*pairs):
+    return {"messages": [{"role": role, "content": content} for role, content in pairs]}
+
+
+@pytest.mark.parametrize(
+    ("row", "field", "reason"),
+    [
+        ({"text": "hi"}, "messages", "missing-field"),
+        ({"messages": "hi"}, "messages", "wrong-type"),
+        ({"messages": []}, "messages", "empty-field"),
+        ({"messages": ["hi"]}, "messages[0]", "wrong-type"),
+        (msgs(("user", "a"), ("assistant", "b"), ("robot", "c")), "messages[2].role", "bad-role"),
+        (msgs(("user", "a"), ("system", "b"), ("assistant", "c")), "messages[1].role", "bad-role"),
+        ({"messages": [{"role": "user"}, {"role": "assistant", "content": "b"}]}, "messages[0].content", "missing-field"),
+        (msgs(("user", 7), ("assistant", "b")), "messages[0].content", "wrong-type"),
+        (msgs(("user", "a"), ("assistant", "  ")), "messages[1].content", "empty-field"),
+        (msgs(("user", "say <|im_end|>"), ("assistant", "b")), "messages[0].content", "marker-in-content"),
+        (msgs(("user", "a"), ("assistant", "b"), ("user", "c")), "messages[2].role", "no-reply"),
+        ({"instruction": "a"}, "output", "missing-field"),
+        ({"instruction": "a", "input": 3, "output": "b"}, "input", "wrong-type"),
+    ],
+)
+def test_malformed_rows_raise_field_errors(template, row, field, reason):
+    with pytest.raises(FieldError) as info:
+        template.format(row)
+    assert (info.value.field, info.value.reason) == (field, reason)
+
+
+def test_every_assistant_turn_and_its_end_marker_are_supervised(host, template, tiny_tokenizer):
+    masker = host.registry.build("masker", "chatml")
+    masked = masker(*template.format(TWO_TURNS), tiny_tokenizer, 512)
+    assert supervised_text(tiny_tokenizer, masked) == ["Cold.<|im_end|>", "Down.<|im_end|></s>"]
+    assert masked["input_ids"][0] == tiny_tokenizer.bos_token_id
+
+
+def test_train_on_last_supervises_the_reply_only(host, template, tiny_tokenizer):
+    masker = host.registry.build("masker", "chatml", {"train_on": "last"})
+    masked = masker(*template.format(TWO_TURNS), tiny_tokenizer, 512)
+    assert supervised_text(tiny_tokenizer, masked) == ["Down.<|im_end|></s>"]
+
+
+@pytest.mark.parametrize("max_length", [512, 48])
+def test_mask_invariants_on_the_demo_chats(host, template, tiny_tokenizer, max_length):
+    last = host.registry.build("masker", "chatml", {"train_on": "last"})
+    check_mask_invariants(template, last, tiny_tokenizer, ROWS, max_length=max_length)
+    # Earlier assistant turns sit in the prompt, so all-assistant supervises prompt tokens by design.
+    every = host.registry.build("masker", "chatml")
+    check_mask_invariants(template, every, tiny_tokenizer, ROWS, max_length=max_length, supervise_prompt=True)
+
+
+def test_short_max_length_cuts_the_oldest_turns_or_drops(host, template, tiny_tokenizer):
+    prompt, response = template.format(ROWS[3])
+    cut = host.registry.build("masker", "chatml")(prompt, response, tiny_tokenizer, 48)
+    assert cut["truncated"] == "prompt" and len(cut["input_ids"]) == 48
+    assert cut["input_ids"][0] == tiny_tokenizer.bos_token_id
+    assert supervised_text(tiny_tokenizer, cut)[-1] == "4<|im_end|></s>"
+    with pytest.raises(sft_plugin_chatml.RowDropped, match="too-long"):
+        host.registry.build("masker", "chatml", {"truncation": "drop"})(prompt, response, tiny_tokenizer, 48)
+
+
+def test_a_users_eos_text_stays_text(host, template, tiny_tokenizer):
+    row = next(r for r in ROWS if "</s>" in r["messages"][0]["content"])
+    masked = host.registry.build("masker", "chatml")(*template.format(row), tiny_tokenizer, 512)
+    assert masked["input_ids"].count(tiny_tokenizer.eos_token_id) == 1
+    assert masked["input_ids"][-1] == tiny_tokenizer.eos_token_id
+
+
+def test_a_tokenizer_with_chatml_tokens_ends_the_reply_with_its_im_end_id(host, template, tiny_tokenizer):
+    tiny_tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    im_end = tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    masker = host.registry.build("masker", "chatml")
+    masked = masker(*template.format(TWO_TURNS), tiny_tokenizer, 512)
+    assert masked["input_ids"][-2:] == [im_end, tiny_tokenizer.eos_token_id]
+    check_mask_invariants(template, masker, tiny_tokenizer, ROWS, supervise_prompt=True)
+    tiny_tokenizer.eos_token = "<|im_end|>"  # as in chat models whose EOS is <|im_end|>: no second end
+    assert masker(*template.format(TWO_TURNS), tiny_tokenizer, 512)["input_ids"][-2:] != [im_end, im_end]
+    assert masker(*template.format(TWO_TURNS), tiny_tokenizer, 512)["input_ids"][-1] == im_end
+
+
+def test_the_masker_refuses_a_prompt_that_is_not_chatml(host, tiny_tokenizer):
+    alpaca = host.registry.build("template", "alpaca")
+    with pytest.raises(UsageError, match="use it with the chatml template"):
+        host.registry.build("masker", "chatml")(*alpaca.format({"instruction": "a", "output": "b"}), tiny_tokenizer, 512)
