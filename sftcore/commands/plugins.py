@@ -53,3 +53,21 @@ def command(ctx: click.Context, as_json: bool) -> None:
         click.echo("  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths)) + "  " + row[3])
     if host.blocked:
         click.echo(f"\nBlocked: {', '.join(host.blocked)}")
+
+
+@command.command("new")
+@click.argument("name")
+@click.option("--dir", "directory", default=".", type=click.Path(file_okay=False), help="Where to create sft-plugin-NAME/.")
+@click.pass_context
+def new(ctx: click.Context, name: str, directory: str) -> None:
+    """Create sft-plugin-NAME/: a plugin distribution with one template and its test."""
+    from sftcore.errors import UsageError
+    from sftcore.scaffold import write_skeleton
+
+    registry = host_from(ctx).registry
+    if name in registry.names("template"):
+        taken = registry.get("template", name).provided_by
+        raise UsageError(f"template '{name}' is already provided by {taken}; pick another name")
+    target = write_skeleton(name, directory)
+    click.echo(f"Created {target}/ (entry point sft: {name}). Next:")
+    click.echo(f"  pip install -e {target}\n  sft plugins\n  python -m pytest {target}")
