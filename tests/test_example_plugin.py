@@ -1,0 +1,124 @@
+"""examples/sft-plugin-chatml: a third-party distribution that swaps the template and the masker.
+
+The quick tests read the example from the source tree. The slow ones pip-install a copy into
+this interpreter (not editable, as a user would), find it in `sft plugins`, run its own tests
+against the installed module, and train, preview and generate with it by name.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "sft-plugin-chatml"
+CHAT = EXAMPLE / "data" / "chat.jsonl"
+SFT = str(Path(sys.executable).with_name("sft"))
+PUBLIC = {"sftcore", "sftcore.errors", "sftcore.tokens"}
+
+
+def run(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items() if k not in ("SFT_DISABLE_PLUGINS", "SFT_STRICT_PLUGINS", "PYTHONPATH")}
+    return subprocess.run(list(args), capture_output=True, text=True, cwd=cwd, env={**base, **(env or {})})
+
+
+def test_the_example_imports_only_sftcores_public_api():
+    tree = ast.parse((EXAMPLE / "sft_plugin_chatml.py").read_text(encoding="utf-8"))
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    sftcore = {name for name in imported if name.split(".")[0].startswith("sftcore")}
+    assert sftcore <= PUBLIC, sftcore - PUBLIC
+
+
+def test_the_entry_point_is_in_group_sft():
+    project = tomllib.loads((EXAMPLE / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    assert project["name"] == "sft-plugin-chatml"
+    assert project["entry-points"]["sft"] == {"chatml": "sft_plugin_chatml"}
+
+
+def test_the_examples_own_tests_pass_from_the_source_tree(tmp_path):
+    done = run(sys.executable, "-m", "pytest", str(EXAMPLE), "-q", "-p", "no:cacheprovider", cwd=tmp_path, env={"PYTHONPATH": str(EXAMPLE)})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert " passed" in done.stdout and "skipped" not in done.stdout
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    """A copy of the example pip-installed (not editable) into this interpreter; uninstalled after."""
+    source = tmp_path_factory.mktemp("example") / EXAMPLE.name
+    shutil.copytree(EXAMPLE, source, ignore=shutil.ignore_patterns("__pycache__", "build", "*.egg-info"))
+    done = run(sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", str(source))
+    assert done.returncode == 0, done.stdout + done.stderr
+    try:
+        yield source
+    finally:
+        run(sys.executable, "-m", "pip", "uninstall", "-y", "sft-plugin-chatml")
+
+
+@pytest.mark.slow
+def test_sft_plugins_lists_both_components_with_their_distribution(installed, tmp_path):
+    done = run(SFT, "plugins", "--json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    listing = json.loads(done.stdout)
+    found = {(c["stage"], c["name"]): c for c in listing["components"] if c["plugin"] == "chatml"}
+    assert set(found) == {("template", "chatml"), ("masker", "chatml")}
+    assert {(c["distribution"], c["version"]) for c in found.values()} == {("sft-plugin-chatml", "0.1.0")}
+    assert listing["problems"] == []
+
+
+@pytest.mark.slow
+def test_the_examples_own_tests_pass_against_the_installed_module(installed, tmp_path):
+    where = run(sys.executable, "-c", "import sft_plugin_chatml; print(sft_plugin_chatml.__file__)", cwd=tmp_path)
+    assert "site-packages" in where.stdout, where.stdout + where.stderr
+    done = run(sys.executable, "-m", "pytest", str(installed / "tests"), "-q", "-p", "no:cacheprovider", cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert " passed" in done.stdout and "skipped" not in done.stdout
+
+
+def preview(model: Path, cwd: Path, *options: str) -> list[dict]:
+    done = run(SFT, "preview", "--json", "--model", str(model), "--data", str(CHAT), "--template", "chatml", "--masker", "chatml", *options, cwd=cwd)
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line) for line in done.stdout.splitlines()]
+
+
+@pytest.mark.slow
+def test_preview_shows_every_assistant_turn_supervised_and_takes_options(installed, tiny_model_dir, tmp_path):
+    every = preview(tiny_model_dir, tmp_path)
+    last = preview(tiny_model_dir, tmp_path, "--masker-opt", "train_on=last")
+    assert len(every) == len(last) == 20
+    four_turns = every[3]  # "What is 2 + 2?" ... three assistant replies
+    assert four_turns["prompt"].count("<|im_start|>assistant\n") == 3 and four_turns["response"] == "4"
+    assert all(r["input_ids"][-1] == 1 and r["labels"][-1] == 1 for r in every)  # EOS </s> closes each row
+
+    def supervised(record):
+        return sum(label != -100 for label in record["labels"])
+
+    single = [i for i, r in enumerate(every) if r["prompt"].count("<|im_start|>assistant\n") == 1]
+    multi = [i for i in range(20) if i not in single]
+    assert all(supervised(every[i]) == supervised(last[i]) for i in single)
+    assert all(supervised(every[i]) > supervised(last[i]) for i in multi)
+
+
+@pytest.mark.slow
+def test_sft_run_trains_with_the_chatml_stages_and_generate_uses_them(installed, tiny_model_dir, tmp_path):
+    output = tmp_path / "run"
+    done = run(
+        SFT, "run", "--model", str(tiny_model_dir), "--data", str(CHAT), "--template", "chatml",
+        "--masker", "chatml", "--output", str(output), "--max-steps", "3", "--no-progress", cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    import yaml
+
+    saved = yaml.safe_load((output / "sft_config.yaml").read_text(encoding="utf-8"))
+    assert saved["template"]["name"] == saved["masker"]["name"] == "chatml"
+    answer = run(SFT, "generate", "--model", str(output), "--instruction", "What is 2 + 2?", "--max-new-tokens", "4", "--show-prompt", cwd=tmp_path)
+    assert answer.returncode == 0, answer.stderr
+    assert answer.stdout.startswith("<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\n")
