@@ -1,0 +1,106 @@
+"""Shared fixtures: tokenizers built in-process, a host with the built-ins only, the tiny checkpoint.
+
+No fixture loads whatever plugins happen to be installed: hosts come from
+``load_host(entry_points=False)``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+
+
+def _import_library(name: str):
+    """Import the installed ``name`` even though ``tests/`` (holding a ``tokenizers.py``) may lead sys.path."""
+    saved = sys.path[:]
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+    try:
+        module = __import__(name)
+    finally:
+        sys.path[:] = saved
+    assert HERE not in Path(module.__file__).resolve().parents, f"{name} resolved to the test helper"
+    return module
+
+
+_import_library("tokenizers")  # cached in sys.modules from now on, so transformers finds the library
+
+
+def _load_helpers():
+    spec = importlib.util.spec_from_file_location("sftcore_test_tokenizers", HERE / "tokenizers.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+HELPERS = _load_helpers()
+
+
+@pytest.fixture(scope="session")
+def toks():
+    """The builders of tests/tokenizers.py (each cached per session): ``toks.gpt2()`` etc."""
+    return HELPERS
+
+
+@pytest.fixture
+def builtin_host(monkeypatch):
+    """A host with sftcore's own plugins only, unaffected by the caller's SFT_* variables."""
+    from sftcore.manager import load_host
+
+    for var in ("SFT_DISABLE_PLUGINS", "SFT_STRICT_PLUGINS", "SFT_TRACE_PLUGINS"):
+        monkeypatch.delenv(var, raising=False)
+    return load_host(entry_points=False)
+
+
+@pytest.fixture
+def clean_plugin_env(monkeypatch):
+    for var in ("SFT_DISABLE_PLUGINS", "SFT_STRICT_PLUGINS", "SFT_TRACE_PLUGINS"):
+        monkeypatch.delenv(var, raising=False)
+    return monkeypatch
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """The tiny Llama saved once per session (random weights from a fixed seed)."""
+    from sftcore.assets import tiny_model
+
+    return tiny_model(tmp_path_factory.mktemp("tiny") / "m")
+
+
+def save_checkpoint(tokenizer, path: Path, *, max_position_embeddings: int = 256) -> Path:
+    """A one-layer Llama whose vocabulary fits ``tokenizer``, saved with it as a normal checkpoint."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=None,
+        tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def checkpoint_for(tmp_path_factory):
+    """``checkpoint_for(tokenizer)``: a tiny checkpoint directory carrying that tokenizer."""
+
+    def make(tokenizer, **kwargs) -> Path:
+        return save_checkpoint(tokenizer, tmp_path_factory.mktemp("ckpt"), **kwargs)
+
+    return make

@@ -1,0 +1,132 @@
+"""The `json` and `jsonl` readers: rows numbered as a user finds them, bad rows and files located."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sftcore.errors import DataError, UsageError
+from sftcore.pipeline import pick_reader, read_rows
+from sftcore_plugins.readers import JsonLinesReader, JsonReader
+
+ROWS = [{"instruction": "a", "output": "b"}, {"instruction": "ç 中", "input": "", "output": "- d"}]
+
+
+def read(reader, path):
+    return list(reader.read(str(path)))
+
+
+def test_json_array(tmp_path):
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(ROWS, ensure_ascii=False), encoding="utf-8")
+    assert read(JsonReader(), path) == [(1, ROWS[0]), (2, ROWS[1])]
+
+
+def test_json_wrapped_in_one_key(tmp_path):
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps({"train": ROWS}), encoding="utf-8")
+    assert [row for _, row in read(JsonReader(), path)] == ROWS
+
+
+def test_json_not_an_array(tmp_path):
+    path = tmp_path / "data.json"
+    path.write_text('{"instruction": "a", "output": "b"}', encoding="utf-8")
+    with pytest.raises(DataError, match="expected a JSON array of objects, got dict"):
+        read(JsonReader(), path)
+
+
+def test_jsonl_numbers_lines_and_skips_blank_ones(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps(ROWS[0]) + "\n\n  \n" + json.dumps(ROWS[1], ensure_ascii=False) + "\n", encoding="utf-8")
+    assert read(JsonLinesReader(), path) == [(1, ROWS[0]), (4, ROWS[1])]
+
+
+@pytest.mark.parametrize(("reader", "suffix"), [(JsonReader(), ".json"), (JsonLinesReader(), ".jsonl")])
+def test_utf8_bom_is_accepted(tmp_path, reader, suffix):
+    path = tmp_path / f"bom{suffix}"
+    if suffix == ".json":
+        text = json.dumps(ROWS, ensure_ascii=False)
+    else:
+        text = "\n".join(json.dumps(r, ensure_ascii=False) for r in ROWS)
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    assert [row for _, row in read(reader, path)] == ROWS
+
+
+@pytest.mark.parametrize(("reader", "suffix"), [(JsonReader(), ".json"), (JsonLinesReader(), ".jsonl")])
+@pytest.mark.parametrize("content", ["", "\n  \n", "\ufeff"])
+def test_empty_file(tmp_path, reader, suffix, content):
+    path = tmp_path / f"empty{suffix}"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(DataError) as info:
+        read(reader, path)
+    assert info.value.reason == "empty-file"
+    assert str(info.value) == f"{path}: the file is empty"
+
+
+def test_invalid_json_names_the_line(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text('[\n  {"instruction": "a", "output": "b"},\n  {"instruction": "c" "output": "d"}\n]', encoding="utf-8")
+    with pytest.raises(DataError) as info:
+        read(JsonReader(), path)
+    assert info.value.reason == "bad-json" and info.value.row == 3
+    assert str(info.value).startswith(f"{path}, line 3: invalid JSON: Expecting ',' delimiter")
+
+
+def test_invalid_jsonl_line_is_yielded_in_place(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(ROWS[0]) + '\n{"instruction": \n' + json.dumps(ROWS[0]) + "\n", encoding="utf-8")
+    rows = read(JsonLinesReader(), path)
+    assert [n for n, _ in rows] == [1, 2, 3]
+    assert rows[0][1] == rows[2][1] == ROWS[0]
+    error = rows[1][1]
+    assert isinstance(error, DataError) and error.reason == "bad-json" and error.row == 2
+    assert str(error).startswith(f"{path}, line 2: invalid JSON")
+
+
+@pytest.mark.parametrize(
+    ("reader", "suffix", "text", "unit", "kind"),
+    [
+        (JsonReader(), ".json", json.dumps([ROWS[0], ["a", "b"], "text"]), "row", "list"),
+        (JsonLinesReader(), ".jsonl", json.dumps(ROWS[0]) + "\n[1, 2]\n\"text\"\n", "line", "list"),
+    ],
+)
+def test_non_object_rows_are_data_errors(tmp_path, reader, suffix, text, unit, kind):
+    path = tmp_path / f"rows{suffix}"
+    path.write_text(text, encoding="utf-8")
+    rows = read(reader, path)
+    assert rows[0] == (1, ROWS[0])
+    for number, expected in ((2, kind), (3, "str")):
+        got_number, error = rows[number - 1]
+        assert got_number == number and isinstance(error, DataError)
+        assert error.reason == "not-an-object" and error.row == number
+        assert str(error) == f"{path}, {unit} {number}: expected a JSON object, got {expected}"
+
+
+@pytest.mark.parametrize(("reader", "suffix"), [(JsonReader(), ".json"), (JsonLinesReader(), ".jsonl")])
+def test_non_utf8_bytes_name_the_line(tmp_path, reader, suffix):
+    path = tmp_path / f"latin1{suffix}"
+    lines = [json.dumps(ROWS[0]), json.dumps(ROWS[0]), '{"instruction": "caf\xe9", "output": "x"}']
+    path.write_bytes("\n".join(lines).encode("latin-1"))
+    with pytest.raises(DataError) as info:
+        read(reader, path)
+    assert info.value.reason == "not-utf8" and info.value.row == 3
+    assert str(info.value) == f"{path}, line 3: not valid UTF-8 (byte 0xe9); re-save the file as UTF-8"
+
+
+def test_unreadable_and_missing_files(tmp_path):
+    with pytest.raises(DataError) as info:
+        read(JsonLinesReader(), tmp_path)  # a directory
+    assert info.value.reason == "unreadable"
+    with pytest.raises(DataError, match="no such file") as info:
+        list(read_rows(JsonLinesReader(), str(tmp_path / "missing.jsonl")))
+    assert info.value.reason == "missing-file"
+
+
+def test_reader_is_picked_by_suffix(builtin_host, tmp_path):
+    assert isinstance(pick_reader(builtin_host.registry, "data.JSONL"), JsonLinesReader)
+    assert isinstance(pick_reader(builtin_host.registry, "data.ndjson"), JsonLinesReader)
+    assert isinstance(pick_reader(builtin_host.registry, "data.json"), JsonReader)
+    assert isinstance(pick_reader(builtin_host.registry, "data.txt", "jsonl"), JsonLinesReader)
+    with pytest.raises(UsageError, match=r"data.csv: no reader for '.csv' files; known: .json, .jsonl, .ndjson"):
+        pick_reader(builtin_host.registry, "data.csv")
