@@ -103,8 +103,7 @@ class FlashLoader:
         opts = {**self.options, **options}
         tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, trust_remote_code=opts["trust_remote_code"])
         tokenizer.padding_side = "right"
-        if getattr(tokenizer, "add_eos_token", False):
-            tokenizer.add_eos_token = False
+        drop_automatic_eos(tokenizer)
         limit = opts["max_length"]
         if limit is None:
             try:
@@ -115,6 +114,32 @@ class FlashLoader:
         if limit:
             tokenizer.model_max_length = int(limit)
         return tokenizer
+
+
+def drop_automatic_eos(tokenizer: Any) -> None:
+    """Make ``tokenizer(text)`` add only its leading specials (BOS), never a trailing EOS.
+
+    The masker appends EOS as an id; a tokenizer whose post-processor appends one too would
+    put EOS at the end of every inference prompt. ``add_eos_token`` does not cover
+    tokenizer.json post-processors, so the post-processor is rebuilt from what it adds.
+    """
+    from sftcore.tokens import special_affixes
+
+    prefix, suffix = special_affixes(tokenizer)
+    if not suffix:
+        return
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        log.warning("the tokenizer appends %s itself and cannot be changed; prompts from tokenizer(text) end in it", suffix)
+        return
+    from tokenizers import processors
+
+    names = tokenizer.convert_ids_to_tokens(prefix)
+    backend.post_processor = processors.TemplateProcessing(
+        single=[*names, "$A"], pair=[*names, "$A", *names, "$B"], special_tokens=list(zip(names, prefix))
+    )
+    vars(tokenizer).pop("_sftcore_affixes", None)
+    log.info("tokenizer: removed the EOS its post-processor appended (sftcore appends EOS as an id)")
 
 
 def unused_special(tokenizer: Any) -> str | None:

@@ -151,3 +151,14 @@ def test_load_tokenizer_prepares_without_weights(toks, checkpoint_for, tiny_chec
         shutil.copy(tiny_checkpoint / name, only / name)
     tok = loader.load_tokenizer(str(only))
     assert tok.model_max_length == 512 and tok.padding_side == "right"
+
+
+def test_loaded_tokenizer_appends_no_eos_of_its_own(toks, checkpoint_for):
+    """A post-processor that appends EOS would end every inference prompt in EOS; the loader
+    rebuilds it to add BOS only, and the saved tokenizer keeps that."""
+    source = toks.sentencepiece(add_eos=True)
+    assert source("hello world")["input_ids"][-1] == source.eos_token_id, "the fixture appends EOS"
+    _, tok = FlashLoader().load(str(checkpoint_for(source)))
+    ids = tok("hello world")["input_ids"]
+    assert ids[0] == tok.bos_token_id and tok.eos_token_id not in ids
+    assert ids == [tok.bos_token_id] + tok("hello world", add_special_tokens=False)["input_ids"]
