@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import inspect
+import itertools
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,7 @@ from typing import Any
 from sftcore import config as cfg
 from sftcore.errors import SftError
 from sftcore.manager import Host
-from sftcore.pipeline import Prepared, pick_reader, prepare
+from sftcore.pipeline import Formatted, Prepared, format_rows, mask_rows, pick_reader, read_rows
 from sftcore.stats import BatchCounter, LossCurve
 
 log = logging.getLogger("sftcore.run")
@@ -77,13 +79,25 @@ def build_stage(host: Host, config: Mapping[str, Any], stage: str, **host_option
         raise SftError(f"{stage} '{name}' rejected its options: {exc}") from None
 
 
+BUILTIN_MODEL = "builtin:tiny-llama"
+
+
 def model_path(config: Mapping[str, Any]) -> str:
     model = str(config["model"])
-    if model == "builtin:tiny-llama":
+    if model == BUILTIN_MODEL:
         from sftcore.assets import tiny_model
 
         return str(tiny_model(seed=int(config["training"].get("seed", 0))))
     return model
+
+
+def tokenizer_source(config: Mapping[str, Any]) -> str:
+    """Where the run's tokenizer is; the built-in model's ships with sftcore, so no weights are made."""
+    if str(config["model"]) == BUILTIN_MODEL:
+        from sftcore.assets import TINY_LLAMA
+
+        return str(TINY_LLAMA)
+    return str(config["model"])
 
 
 MAX_LENGTH_CAP = 2048
@@ -99,26 +113,55 @@ def default_max_length_for(tokenizer: Any) -> int:
     return int(min(tokenizer.model_max_length, MAX_LENGTH_CAP))
 
 
-def prepare_data(host: Host, config: Mapping[str, Any], tokenizer: Any, max_length: int, progress: bool = True) -> Prepared:
-    from tqdm.auto import tqdm
+def format_data(host: Host, config: Mapping[str, Any], *, limit: int | None = None) -> tuple[list[Formatted], Prepared]:
+    """Read and template the rows (the first ``limit`` only, if given).
 
+    Needs no model, so `sft run` does it before loading weights: a bad row in a large file
+    stops the run in seconds, not after a multi-GB checkpoint has loaded.
+    """
     reader = (
         build_stage(host, config, "reader") if config.get("reader") else pick_reader(host.registry, config["data"])
     )
-    bar = tqdm(desc="tokenizing", unit="rows", disable=not progress, leave=False)
+    prepared = Prepared()
+    rows = read_rows(reader, config["data"])
+    if limit is not None:
+        rows = itertools.islice(rows, limit)
+    template = build_stage(host, config, "template")
+    items = format_rows(template, rows, config["data"], config.get("on_bad_row", "error"), prepared)
+    return items, prepared
+
+
+def mask_data(
+    host: Host, config: Mapping[str, Any], items: list[Formatted], prepared: Prepared, tokenizer: Any,
+    max_length: int, progress: bool = True,
+) -> Prepared:
+    """Tokenize and mask formatted rows into ``prepared``."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(items), desc="tokenizing", unit="rows", disable=not progress, leave=False)
     try:
-        return prepare(
-            reader=reader,
-            template=build_stage(host, config, "template"),
-            masker=build_stage(host, config, "masker"),
-            tokenizer=tokenizer,
-            path=config["data"],
-            max_length=max_length,
-            on_bad_row=config.get("on_bad_row", "error"),
-            progress=bar.update,
-        )
+        mask_rows(build_stage(host, config, "masker"), items, tokenizer, max_length, prepared, bar.update)
     finally:
         bar.close()
+    return prepared
+
+
+@contextmanager
+def transformers_bars(enabled: bool) -> Iterator[None]:
+    """Switch off transformers' own bars ("Loading weights", "Writing model shards") while inside.
+
+    They bypass our ``progress`` flag; the previous setting is restored, since it is process-wide.
+    """
+    from transformers.utils import logging as hf_logging
+
+    if enabled or not hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()
 
 
 def run(host: Host, user_config: Mapping[str, Any], *, progress: bool = True) -> Summary:
@@ -127,14 +170,24 @@ def run(host: Host, user_config: Mapping[str, Any], *, progress: bool = True) ->
     cfg.check(config, host.registry)
     started = time.perf_counter()
     output = Path(config.get("output") or default_output(config))
-    output.mkdir(parents=True, exist_ok=True)
     config["output"] = str(output)
+    log.info("output: %s", output)
+    items, data = format_data(host, config)
+    with transformers_bars(progress):
+        return fit(host, config, items, data, output, started, progress)
 
+
+def fit(
+    host: Host, config: dict[str, Any], items: list[Formatted], data: Prepared, output: Path, started: float,
+    progress: bool,
+) -> Summary:
+    """Load the model, mask the formatted rows, train, save; ``config`` gets the resolved max_length."""
+    output.mkdir(parents=True, exist_ok=True)
     loader = build_stage(host, config, "loader")
     model, tokenizer = loader.load(model_path(config))
     max_length = config.get("max_length") or default_max_length(model, tokenizer)
     config["max_length"] = max_length
-    data = prepare_data(host, config, tokenizer, max_length, progress)
+    mask_data(host, config, items, data, tokenizer, max_length, progress)
     if not data.rows:
         raise SftError(
             f"{config['data']}: no row left to train on ({data.rows_read} read; skipped {dict(data.skipped)}; "
@@ -172,7 +225,7 @@ def run(host: Host, user_config: Mapping[str, Any], *, progress: bool = True) ->
 
 def default_output(config: Mapping[str, Any]) -> str:
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    return f"sft-runs/{'demo' if config['model'] == 'builtin:tiny-llama' else 'run'}-{stamp}"
+    return f"sft-runs/{'demo' if config['model'] == BUILTIN_MODEL else 'run'}-{stamp}"
 
 
 def build_trainer(host, config, model, tokenizer, data, collator, curve, output, progress=True):

@@ -31,8 +31,9 @@ def prompt_for(host, run_config: dict, row: dict) -> str:
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 means greedy decoding.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--show-prompt", is_flag=True, help="Print the prompt before the answer.")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
 @click.pass_context
-def command(ctx, model, instruction, context, row_json, max_new_tokens, temperature, seed, show_prompt) -> None:
+def command(ctx, model, instruction, context, row_json, max_new_tokens, temperature, seed, show_prompt, no_progress) -> None:
     """Generate a response with the template the run was trained with."""
     config_path = Path(model) / "sft_config.yaml"
     if not config_path.is_file():
@@ -53,7 +54,10 @@ def command(ctx, model, instruction, context, row_json, max_new_tokens, temperat
     prompt = prompt_for(host_from(ctx), run_config, row)
     if show_prompt:
         click.echo(prompt)
-    click.echo(generate(model, prompt, max_new_tokens, temperature, seed))
+    from sftcore.train import transformers_bars
+
+    with transformers_bars(not no_progress):
+        click.echo(generate(model, prompt, max_new_tokens, temperature, seed))
 
 
 def generate(model_dir: str, prompt: str, max_new_tokens: int, temperature: float = 0.0, seed: int = 0) -> str:

@@ -37,7 +37,7 @@ def spans(tokenizer, ids: list[int], labels: list[int]) -> list[tuple[bool, str]
 
 
 @click.command("preview")
-@click.option("--data", required=True, type=click.Path(), help="Data file to preview.")
+@click.option("--data", type=click.Path(), help="Data file to preview (default: the config's; none at all: the demo set).")
 @click.option("--model", type=click.Path(), help="Checkpoint directory (only its tokenizer and config are read).")
 @click.option("--tokenizer", "tokenizer_path", type=click.Path(), help="Tokenizer directory, instead of --model.")
 @click.option("--config", "config_file", type=click.Path(), help="Run config (e.g. a run's sft_config.yaml).")
@@ -48,29 +48,24 @@ def spans(tokenizer, ids: list[int], labels: list[int]) -> list[tuple[bool, str]
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per row: prompt, response, input_ids, labels.")
 @click.pass_context
 def command(ctx: click.Context, config_file, tokenizer_path, limit, as_json, **values) -> None:
-    """Show what the model will be trained on: prompt tokens masked, response tokens supervised."""
-    from sftcore.pipeline import Prepared, format_rows, mask_rows, pick_reader, read_rows
-    from sftcore.train import build_stage, default_max_length_for
+    """Show what the model will be trained on: prompt tokens masked, response tokens supervised.
 
-    source = values.get("model") or tokenizer_path
-    if not source:
-        raise UsageError("give --model PATH or --tokenizer PATH")
-    values["model"] = source
+    With no --model and no --data (and no config naming them): the bundled demo, as `sft run`.
+    """
+    from sftcore.train import default_max_length_for, format_data, mask_data, tokenizer_source
+
+    if tokenizer_path:
+        values["model"] = tokenizer_path
     config = cfg.effective(config_from_cli(config_file, values, ()))
     config.pop("training", None)
     host = host_from(ctx)
-    found = [p for p in cfg.problems(config, host.registry) if not p.startswith("training:")]
+    found = cfg.problems(config, host.registry)
     if found:
         raise UsageError("; ".join(found))
-    tokenizer = load_tokenizer(host, config, source)
+    tokenizer = load_tokenizer(host, config, tokenizer_source(config))
     max_length = config.get("max_length") or default_max_length_for(tokenizer)
-    reader = build_stage(host, config, "reader") if config.get("reader") else pick_reader(host.registry, config["data"])
-    prepared = Prepared()
-    rows = read_rows(reader, config["data"])
-    if limit is not None:
-        rows = (item for i, item in enumerate(rows) if i < limit)
-    items = format_rows(build_stage(host, config, "template"), rows, config["data"], config["on_bad_row"], prepared)
-    mask_rows(build_stage(host, config, "masker"), items, tokenizer, max_length, prepared)
+    items, prepared = format_data(host, config, limit=limit)
+    mask_data(host, config, items, prepared, tokenizer, max_length, progress=False)
     masked = {row["row"]: row for row in prepared.rows}
     for item in items:
         row = masked.get(item.row)

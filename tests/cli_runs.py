@@ -1,0 +1,49 @@
+"""Helpers shared by the end-to-end tests of `sft run`, `sft preview`, `sft generate` and the config.
+
+Commands run in-process on the built-in plugins (plus any throwaway plugin a test passes), never
+on whatever plugins happen to be installed; `SFT` is the installed script, for the few tests
+that need a real process.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+from click.testing import CliRunner, Result
+
+from sftcore.cli import cli
+from sftcore.manager import load_host
+
+SFT = str(Path(sys.executable).with_name("sft"))
+PLUGIN_ENV = ("SFT_DISABLE_PLUGINS", "SFT_STRICT_PLUGINS", "SFT_TRACE_PLUGINS")
+
+ROWS = [
+    {"instruction": "Give the opposite of the word 'hot'.", "input": "", "output": "The opposite of 'hot' is 'cold'."},
+    {"instruction": "Translate the colour into French.", "input": "blue", "output": "bleu"},
+    {"instruction": "Add the numbers.", "input": "2 and 3", "output": "2 + 3 = 5"},
+    {"instruction": "Name a fruit that is yellow.", "input": "", "output": "- banana\n- lemon"},
+    {"instruction": "Give the plural of the word.", "input": "mouse", "output": "mice"},
+    {"instruction": "Say hello in Spanish.", "input": "", "output": "hola"},
+]
+# Far over any small max_length: the row a `--masker-opt truncation=drop` run must drop.
+LONG_ROW = {"instruction": "Repeat the word.", "input": "", "output": " ".join(["again"] * 200)}
+
+
+def sft(monkeypatch, *args: object, extra: dict | None = None) -> Result:
+    """``sft ARGS`` in-process; ``extra`` adds plugins ``{name: plugin}`` next to the built-ins."""
+    for var in PLUGIN_ENV:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr("sftcore.commands.common.load_host", functools.partial(load_host, entry_points=False, extra=extra))
+    return CliRunner().invoke(cli, [str(a) for a in args], prog_name="sft", catch_exceptions=False)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def json_lines(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
