@@ -69,15 +69,17 @@ from sftcore.errors import FieldError
 
 
 class $cls:
-    def __init__(self, question_field: str = "instruction", answer_field: str = "output") -> None:
-        self.question_field = question_field
-        self.answer_field = answer_field
+    """Options (``--template-opt KEY=VALUE``) are this constructor's parameters."""
+
+    def __init__(self, instruction_field: str = "instruction", output_field: str = "output") -> None:
+        self.instruction_field = instruction_field
+        self.output_field = output_field
 
     def format_prompt(self, example: Mapping[str, Any]) -> str:
-        return f"### Question:\\n{_text(example, self.question_field)}\\n\\n### Answer:\\n"
+        return f"### Question:\\n{_text(example, self.instruction_field)}\\n\\n### Answer:\\n"
 
     def format(self, example: Mapping[str, Any]) -> tuple[str, str]:
-        return self.format_prompt(example), _text(example, self.answer_field)
+        return self.format_prompt(example), _text(example, self.output_field)
 
 
 def _text(example: Mapping[str, Any], field: str) -> str:
