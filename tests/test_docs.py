@@ -4,6 +4,7 @@ kept in step with sftcore/hookspecs.py and sftcore/protocols.py."""
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import json
 import os
@@ -250,9 +251,10 @@ def console_steps() -> list[tuple[str, list[str]]]:
 
 
 def offline(command: str) -> str:
-    # Tests run without the network: build with the setuptools already installed, and let pip
-    # fetch no dependencies (sftcore is installed already).
-    return command.replace("pip install", "pip install --no-deps --no-build-isolation")
+    # sftcore is installed already, so pip fetches no dependencies; it builds with this
+    # interpreter's setuptools when there is one, so the tutorial needs no network.
+    isolation = " --no-build-isolation" if importlib.util.find_spec("setuptools") else ""
+    return command.replace("pip install", f"pip install --no-deps{isolation}")
 
 
 def unmatched(expected: list[str], output: str) -> list[str]:

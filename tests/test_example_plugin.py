@@ -8,6 +8,7 @@ against the installed module, and train, preview and generate with it by name.
 from __future__ import annotations
 
 import ast
+import importlib.util
 import json
 import os
 import shutil
@@ -23,6 +24,9 @@ EXAMPLE = ROOT / "examples" / "sft-plugin-chatml"
 CHAT = EXAMPLE / "data" / "chat.jsonl"
 SFT = str(Path(sys.executable).with_name("sft"))
 PUBLIC = {"sftcore", "sftcore.errors", "sftcore.tokens"}
+# Build with this interpreter's setuptools when it has one (no network needed); without it, pip
+# fetches setuptools into an isolated build environment.
+BUILD = ["--no-build-isolation"] if importlib.util.find_spec("setuptools") else []
 
 
 def run(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -55,7 +59,7 @@ def installed(tmp_path_factory):
     """A copy of the example pip-installed (not editable) into this interpreter; uninstalled after."""
     source = tmp_path_factory.mktemp("example") / EXAMPLE.name
     shutil.copytree(EXAMPLE, source, ignore=shutil.ignore_patterns("__pycache__", "build", "*.egg-info"))
-    done = run(sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", str(source))
+    done = run(sys.executable, "-m", "pip", "install", "--no-deps", *BUILD, str(source))
     assert done.returncode == 0, done.stdout + done.stderr
     try:
         yield source

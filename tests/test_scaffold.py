@@ -73,6 +73,11 @@ def test_cli_new_refuses_a_name_a_template_has(tmp_path, plain_env):
     assert not list(tmp_path.iterdir())
 
 
+# Build with this interpreter's setuptools when it has one (no network needed); without it, pip
+# fetches setuptools into an isolated build environment.
+BUILD = ["--no-build-isolation"] if importlib.util.find_spec("setuptools") else []
+
+
 def pip(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True)
 
@@ -81,7 +86,7 @@ def pip(*args: str) -> subprocess.CompletedProcess:
 def installed_skeleton(tmp_path):
     """``sft-plugin-scaffoldcheck`` written and pip-installed (editable) into this interpreter; uninstalled after."""
     target = write_skeleton("scaffoldcheck", tmp_path)
-    done = pip("install", "--no-deps", "--no-build-isolation", "-e", str(target))
+    done = pip("install", "--no-deps", *BUILD, "-e", str(target))
     assert done.returncode == 0, done.stdout + done.stderr
     try:
         yield target
