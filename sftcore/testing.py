@@ -24,6 +24,9 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from sftcore import IGNORE_INDEX, RowDropped
+from sftcore.tokens import encode_prompts, encode_texts, eos_id
+
 if TYPE_CHECKING:
     from sftcore.manager import Host
 
@@ -105,11 +108,8 @@ def check_mask_invariants(
     * a masker's ``batch`` returns what calling it row by row does.
 
     A row the masker drops with ``RowDropped`` passes, and is named in the message of any
-    failure; a call in which every row is dropped fails, since it checked nothing.
+    failure; a call with no rows, or in which every row is dropped, fails: it checked nothing.
     """
-    from sftcore.errors import RowDropped
-    from sftcore.tokens import encode_prompts, encode_texts, eos_id
-
     rows = list(rows)
     eos = eos_id(tokenizer)
     problems: list[str] = []
@@ -154,7 +154,9 @@ def check_mask_invariants(
                 problems.append(f"row {index}: masker.batch gives {_outcome(many)!r}, a single call {_outcome(one)!r}")
 
     n_dropped = sum(len(indices) for indices in dropped.values())
-    if rows and n_dropped == len(rows):
+    if not rows:
+        problems.append("no rows were given, so nothing was checked")
+    elif pairs and n_dropped == len(pairs):
         problems.append("every row was dropped, so nothing was checked")
     if problems:
         header = f"{len(problems)} mask invariant(s) broken in {len(rows)} rows"
@@ -174,8 +176,6 @@ def _row_problems(
     supervise_prompt: bool,
     tokenizer: Any,
 ) -> list[str]:
-    from sftcore import IGNORE_INDEX
-
     if not isinstance(result, Mapping) or "input_ids" not in result or "labels" not in result:
         return [f"the masker returned {type(result).__name__}, not a mapping with input_ids and labels"]
     ids, labels = list(result["input_ids"]), list(result["labels"])
@@ -238,8 +238,6 @@ def _row_problems(
 def _response_start(ids: list[int], labels: list[int], response_ids: list[int]) -> int | None:
     """Where the response begins in a row whose prompt was cut: the first position of the final
     run of supervised labels from which the ids are the response's (or a prefix of them)."""
-    from sftcore import IGNORE_INDEX
-
     run = len(labels)
     while run > 0 and labels[run - 1] != IGNORE_INDEX:
         run -= 1
@@ -256,8 +254,6 @@ def _some(indices: list[int], shown: int = 5) -> str:
 
 
 def _outcome(result: Any) -> Any:
-    from sftcore.errors import RowDropped
-
     if isinstance(result, RowDropped):
         return ("RowDropped", result.reason)
     if isinstance(result, Mapping):

@@ -250,3 +250,5 @@ def test_dropped_rows_pass_but_all_dropped_fails(stages, tiny_tokenizer):
     check_mask_invariants(template, masker, tiny_tokenizer, [short, ROWS[0]], max_length=40)
     with pytest.raises(AssertionError, match=r"dropped \(allowed\): too-long \(rows 0\).*\n- every row was dropped"):
         check_mask_invariants(template, masker, tiny_tokenizer, [ROWS[0]], max_length=40)
+    with pytest.raises(AssertionError, match="no rows were given"):
+        check_mask_invariants(template, masker, tiny_tokenizer, [])

@@ -27,8 +27,6 @@ from sftcore import IGNORE_INDEX, RowDropped, hookimpl
 from sftcore.errors import FieldError, UsageError
 from sftcore.tokens import eos_id, encode_texts, special_affixes
 
-__version__ = "0.1.0"
-
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 ROLES = ("system", "user", "assistant")
 GENERATION_PROMPT = f"{IM_START}assistant\n"
@@ -139,7 +137,9 @@ class ChatMLMasker:
     Earlier assistant turns inside the prompt are found by character offsets; a token that
     straddles a turn's edge is supervised. The reply is encoded on its own and followed by
     ``<|im_end|>`` (the tokenizer's id when it has that token, else the ids of its text) and
-    EOS, unless EOS is ``<|im_end|>`` itself.
+    EOS, unless EOS is ``<|im_end|>`` itself. Markers inside the prompt are text even for a
+    tokenizer that has ChatML tokens: sftcore encodes every prompt with ``split_special_tokens``,
+    at inference too, and the prompt must match what ``sft generate`` sends.
 
     :param train_on: ``all-assistant`` supervises every assistant turn, ``last`` only the reply
         the template returned.
@@ -167,7 +167,10 @@ class ChatMLMasker:
         return self._fit(prefix + ids, [IGNORE_INDEX] * len(prefix) + labels, tail, len(prefix), max_length)
 
     def _prompt(self, prompt: str, tokenizer: Any) -> tuple[list[int], list[int]]:
-        encoded = tokenizer(prompt, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True)
+        try:
+            encoded = tokenizer(prompt, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True)
+        except NotImplementedError:  # slow tokenizers have no offsets
+            raise UsageError("the chatml masker needs a fast tokenizer, one that reports character offsets") from None
         ids = list(encoded["input_ids"])
         spans = [(m.start(1), m.end()) for m in _ASSISTANT_TURN.finditer(prompt)] if self.train_on == "all-assistant" else []
         labels = [IGNORE_INDEX] * len(ids)

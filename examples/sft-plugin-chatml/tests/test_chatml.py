@@ -170,8 +170,9 @@ def test_a_tokenizer_with_chatml_tokens_ends_the_reply_with_its_im_end_id(host, 
     assert masked["input_ids"][-2:] == [im_end, tiny_tokenizer.eos_token_id]
     check_mask_invariants(template, masker, tiny_tokenizer, ROWS, supervise_prompt=True)
     tiny_tokenizer.eos_token = "<|im_end|>"  # as in chat models whose EOS is <|im_end|>: no second end
-    assert masker(*template.format(TWO_TURNS), tiny_tokenizer, 512)["input_ids"][-2:] != [im_end, im_end]
-    assert masker(*template.format(TWO_TURNS), tiny_tokenizer, 512)["input_ids"][-1] == im_end
+    ids = masker(*template.format(TWO_TURNS), tiny_tokenizer, 512)["input_ids"]
+    assert ids[-1] == im_end and ids[-2] != im_end
+    check_mask_invariants(template, masker, tiny_tokenizer, ROWS, supervise_prompt=True)
 
 
 def test_the_masker_refuses_a_prompt_that_is_not_chatml(host, tiny_tokenizer):
