@@ -39,7 +39,9 @@ def encode_texts(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
     """Token ids of each text alone: no special tokens added, special-token strings kept as text."""
     if not texts:
         return []
-    return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=False, split_special_tokens=True)["input_ids"]]
+    # verbose=False: no "longer than the maximum ... indexing errors" warning; the masker enforces max_length.
+    encoded = tokenizer(list(texts), add_special_tokens=False, split_special_tokens=True, verbose=False)
+    return [list(ids) for ids in encoded["input_ids"]]
 
 
 def encode_prompts(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:

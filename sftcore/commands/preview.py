@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import click
 
@@ -95,7 +96,7 @@ def show(tokenizer, record: dict) -> None:
     supervised = sum(1 for label in labels if label != IGNORE_INDEX)
     note = f", truncated: {record['truncated']}" if "truncated" in record else ""
     click.echo(click.style(f"row {record['row']}: {len(ids)} tokens, {supervised} trained{note}", bold=True))
-    color = click.get_text_stream("stdout").isatty()
+    color = sys.stdout.isatty()
     parts = []
     for trained, text in spans(tokenizer, ids, labels):
         if color:
