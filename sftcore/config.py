@@ -7,6 +7,7 @@ Shape (every key optional; `sft run` with none trains the bundled demo)::
     output: runs/my-run
     max_length: 1024
     on_bad_row: error            # or skip
+    cache_dir: null              # prepared-data cache; default <sftcore cache>/prepared, false: none
     template: alpaca             # a name, or {name: alpaca, options: {...}}
     masker: response-only
     collator: pad
@@ -33,9 +34,9 @@ from sftcore.catalogue import load_catalogue
 from sftcore.errors import UsageError
 from sftcore.registry import STAGES, Registry, option_problems, unknown_message
 
-TOP_KEYS = {"model", "data", "output", "max_length", "on_bad_row", "training", *STAGES}
+TOP_KEYS = {"model", "data", "output", "max_length", "on_bad_row", "cache_dir", "training", *STAGES}
 # Options the host supplies itself, so a factory may require them without the user passing them.
-HOST_OPTIONS = {"collator": {"pad_token_id"}}
+HOST_OPTIONS = {"collator": {"pad_token_id", "attn_implementation"}}
 
 TRAINING_DEFAULTS: dict[str, Any] = {
     "num_train_epochs": 3,
@@ -66,7 +67,10 @@ def load_yaml(path: str) -> dict[str, Any]:
     try:
         data = yaml.safe_load(text)  # safe: a config can never construct Python objects
     except yaml.YAMLError as exc:
-        raise UsageError(f"{path}: invalid YAML: {exc}") from None
+        # PyYAML's message spans several lines with a source excerpt; the CLI prints one line.
+        mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None) or " ".join(str(exc).split())
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UsageError(f"{path}{where}: invalid YAML: {problem}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -148,6 +152,9 @@ def problems(config: Mapping[str, Any], registry: Registry, *, check_files: bool
     max_length = config.get("max_length")
     if max_length is not None and (not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 2):
         found.append(f"max_length must be an integer >= 2, got {max_length!r}")
+    cache_dir = config.get("cache_dir")
+    if cache_dir is not None and cache_dir is not False and not isinstance(cache_dir, str):
+        found.append(f"cache_dir must be a directory or false (no cache), got {cache_dir!r}")
     if config.get("on_bad_row", "error") not in ("error", "skip"):
         found.append(f"on_bad_row must be 'error' or 'skip', got {config.get('on_bad_row')!r}")
     for stage in STAGES:

@@ -40,6 +40,17 @@ def sft(monkeypatch, *args: object, extra: dict | None = None) -> Result:
     return CliRunner().invoke(cli, [str(a) for a in args], prog_name="sft", catch_exceptions=False)
 
 
+def forbid_model_loading(monkeypatch) -> None:
+    """Make any model or tokenizer load through the built-in loader fail the test."""
+    from sftcore_plugins.flash import FlashLoader
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(FlashLoader, "load", refuse)
+    monkeypatch.setattr(FlashLoader, "load_tokenizer", refuse)
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     return path

@@ -9,11 +9,10 @@ import re
 import subprocess
 
 import pytest
-from cli_runs import LONG_ROW, ROWS, SFT, json_lines, sft, write_jsonl
+from cli_runs import LONG_ROW, ROWS, SFT, forbid_model_loading, json_lines, sft, write_jsonl
 
 from sftcore import IGNORE_INDEX
 from sftcore_plugins.alpaca import AlpacaTemplate, alpaca_output
-from sftcore_plugins.flash import FlashLoader
 from sftcore_plugins.masking import SeparateMasker, full_masker
 
 OUTPUT_FILES = (
@@ -32,17 +31,6 @@ def reload(output):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(output, use_safetensors=True)
-
-
-@pytest.fixture
-def no_model_load(monkeypatch):
-    """Fail the test if anything loads a model or tokenizer through the built-in loader."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded")
-
-    monkeypatch.setattr(FlashLoader, "load", refuse)
-    monkeypatch.setattr(FlashLoader, "load_tokenizer", refuse)
 
 
 @pytest.mark.slow
@@ -147,7 +135,8 @@ DATA_ERRORS = [
 
 
 @pytest.mark.parametrize(("name", "text", "message"), DATA_ERRORS)
-def test_bad_data_stops_with_one_line_before_the_model_loads(monkeypatch, tmp_path, tiny_model_dir, no_model_load, name, text, message):
+def test_bad_data_stops_with_one_line_before_the_model_loads(monkeypatch, tmp_path, tiny_model_dir, name, text, message):
+    forbid_model_loading(monkeypatch)
     data = tmp_path / name
     data.write_text(text, encoding="utf-8")
     result = sft(monkeypatch, "run", "--model", tiny_model_dir, "--data", data, "--output", tmp_path / "out", "--no-progress")
