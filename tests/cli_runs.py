@@ -7,9 +7,12 @@ that need a real process.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from click.testing import CliRunner, Result
@@ -18,6 +21,9 @@ from sftcore.cli import cli
 from sftcore.manager import load_host
 
 SFT = str(Path(sys.executable).with_name("sft"))
+# In-process runs cache here, never in the user's ~/.cache/sftcore.
+CACHE = tempfile.mkdtemp(prefix="sft-test-cache-")
+atexit.register(shutil.rmtree, CACHE, ignore_errors=True)
 PLUGIN_ENV = ("SFT_DISABLE_PLUGINS", "SFT_STRICT_PLUGINS", "SFT_TRACE_PLUGINS")
 
 ROWS = [
@@ -36,6 +42,7 @@ def sft(monkeypatch, *args: object, extra: dict | None = None) -> Result:
     """``sft ARGS`` in-process; ``extra`` adds plugins ``{name: plugin}`` next to the built-ins."""
     for var in PLUGIN_ENV:
         monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("SFT_CACHE_DIR", CACHE)
     monkeypatch.setattr("sftcore.commands.common.load_host", functools.partial(load_host, entry_points=False, extra=extra))
     return CliRunner().invoke(cli, [str(a) for a in args], prog_name="sft", catch_exceptions=False)
 
