@@ -30,7 +30,7 @@ class Formatted:
 class Prepared:
     """Masked rows ready for a collator, plus what happened to every input row."""
 
-    rows: list[dict] = field(default_factory=list)  # input_ids, labels, row (+ truncated)
+    rows: Sequence[dict] = field(default_factory=list)  # input_ids, labels, row (+ truncated); or FlatRows
     rows_read: int = 0
     skipped: Counter = field(default_factory=Counter)  # bad rows under --on-bad-row skip, by reason
     dropped: Counter = field(default_factory=Counter)  # rows a masker could not train on, by reason
@@ -39,10 +39,14 @@ class Prepared:
 
     @property
     def tokens(self) -> int:
-        return sum(len(r["input_ids"]) for r in self.rows)
+        counted = getattr(self.rows, "tokens", None)  # sftcore.cache.FlatRows counts with numpy
+        return counted if counted is not None else sum(len(r["input_ids"]) for r in self.rows)
 
     @property
     def supervised_tokens(self) -> int:
+        counted = getattr(self.rows, "supervised_tokens", None)
+        if counted is not None:
+            return counted
         return sum(sum(1 for label in r["labels"] if label != IGNORE_INDEX) for r in self.rows)
 
 
@@ -50,13 +54,17 @@ def pick_reader(registry: Registry, path: str, name: str | None = None) -> Any:
     """The reader named, or the one whose suffixes match the file."""
     if name:
         return registry.build("reader", name)
+    return reader_component(registry, path).factory()
+
+
+def reader_component(registry: Registry, path: str) -> Any:
+    """The reader component whose suffixes match the file."""
     suffix = Path(path).suffix.lower()
     for component in registry.all():
         if component.stage != "reader":
             continue
-        reader = component.factory()
-        if suffix in tuple(getattr(reader, "suffixes", ())):
-            return reader
+        if suffix in tuple(getattr(component.factory(), "suffixes", ())):
+            return component
     known = sorted({s for c in registry.all() if c.stage == "reader" for s in getattr(c.factory(), "suffixes", ())})
     raise UsageError(f"{path}: no reader for '{suffix or '(no suffix)'}' files; known: {', '.join(known)}; or pass --reader NAME")
 
@@ -102,20 +110,17 @@ def mask_rows(
     max_length: int,
     prepared: Prepared,
     progress: Callable[[int], None] | None = None,
+    workers: int = 1,
 ) -> None:
-    """Tokenize and mask in batches (the masker's ``batch`` when it has one), filling ``prepared``."""
-    batch_fn = getattr(masker, "batch", None)
-    for start in range(0, len(items), MASK_BATCH):
-        chunk = items[start : start + MASK_BATCH]
-        if batch_fn is not None:
-            results = batch_fn([i.prompt for i in chunk], [i.response for i in chunk], tokenizer, max_length)
-        else:
-            results = []
-            for item in chunk:
-                try:
-                    results.append(masker(item.prompt, item.response, tokenizer, max_length))
-                except RowDropped as dropped:
-                    results.append(dropped)
+    """Tokenize and mask in batches (the masker's ``batch`` when it has one), filling ``prepared``.
+
+    ``workers > 1`` masks the batches in that many processes; the rows come back in order.
+    """
+    from sftcore.workers import map_in_order
+
+    chunks = [items[start : start + MASK_BATCH] for start in range(0, len(items), MASK_BATCH)]
+    texts = [([i.prompt for i in chunk], [i.response for i in chunk]) for chunk in chunks]
+    for chunk, results in zip(chunks, map_in_order(mask_texts, texts, (masker, tokenizer, max_length), workers)):
         for item, result in zip(chunk, results):
             if isinstance(result, RowDropped):
                 prepared.dropped[result.reason] += 1
@@ -129,6 +134,20 @@ def mask_rows(
             prepared.rows.append(row)
         if progress:
             progress(len(chunk))
+
+
+def mask_texts(masker: Any, tokenizer: Any, max_length: int, prompts: list[str], responses: list[str]) -> list[Any]:
+    """One batch through the masker: a masked row or the `RowDropped` it raised, per pair."""
+    batch_fn = getattr(masker, "batch", None)
+    if batch_fn is not None:
+        return batch_fn(prompts, responses, tokenizer, max_length)
+    results: list[Any] = []
+    for prompt, response in zip(prompts, responses):
+        try:
+            results.append(masker(prompt, response, tokenizer, max_length))
+        except RowDropped as dropped:
+            results.append(dropped)
+    return results
 
 
 def check_masked(result: Mapping[str, Any], max_length: int, row: int) -> None:

@@ -43,9 +43,6 @@ class Summary:
     files: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
-        def reasons(counts: Mapping[str, int]) -> str:
-            return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"
-
         first = "n/a" if self.first_loss is None else f"{self.first_loss:.4f}"
         last = "n/a" if self.last_loss is None else f"{self.last_loss:.4f}"
         return [
@@ -57,6 +54,11 @@ class Summary:
             f"loss: first {first}, last {last}",
             f"saved to {self.output}",
         ]
+
+
+def reasons(counts: Mapping[str, int]) -> str:
+    """Counts by reason as the summary prints them: ``bad-json 1, too-long 2`` (or ``none``)."""
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"
 
 
 def build_stage(host: Host, config: Mapping[str, Any], stage: str, **host_options: Any) -> Any:
@@ -103,13 +105,8 @@ def tokenizer_source(config: Mapping[str, Any]) -> str:
 MAX_LENGTH_CAP = 2048
 
 
-def default_max_length(model: Any, tokenizer: Any) -> int:
-    limit = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
-    return int(min(limit, MAX_LENGTH_CAP))
-
-
 def default_max_length_for(tokenizer: Any) -> int:
-    """The same default from a tokenizer prepared by the loader (model_max_length = the model's)."""
+    """The model's length, capped: a loader sets the tokenizer's model_max_length to the model's."""
     return int(min(tokenizer.model_max_length, MAX_LENGTH_CAP))
 
 
@@ -133,17 +130,68 @@ def format_data(host: Host, config: Mapping[str, Any], *, limit: int | None = No
 
 def mask_data(
     host: Host, config: Mapping[str, Any], items: list[Formatted], prepared: Prepared, tokenizer: Any,
-    max_length: int, progress: bool = True,
+    max_length: int, progress: bool = True, workers: int = 1,
 ) -> Prepared:
-    """Tokenize and mask formatted rows into ``prepared``."""
+    """Tokenize and mask formatted rows into ``prepared`` (in ``workers`` processes when above 1)."""
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(items), desc="tokenizing", unit="rows", disable=not progress, leave=False)
     try:
-        mask_rows(build_stage(host, config, "masker"), items, tokenizer, max_length, prepared, bar.update)
+        mask_rows(build_stage(host, config, "masker"), items, tokenizer, max_length, prepared, bar.update, workers)
     finally:
         bar.close()
     return prepared
+
+
+def load_tokenizer(host: Host, config: Mapping[str, Any], path: str) -> Any:
+    """The tokenizer as the configured loader prepares it, without loading weights."""
+    loader = build_stage(host, config, "loader")
+    if hasattr(loader, "load_tokenizer"):
+        return loader.load_tokenizer(path)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def cache_directory(config: Mapping[str, Any]) -> Path | None:
+    """Where prepared data is cached: ``cache_dir``, else the sftcore cache; None when ``cache_dir: false``."""
+    value = config.get("cache_dir")
+    if value is False:
+        return None
+    if value:
+        return Path(value)
+    from sftcore.assets import cache_dir
+
+    return cache_dir() / "prepared"
+
+
+def prepare_data(host: Host, config: dict[str, Any], *, progress: bool = True, workers: int = 1) -> Prepared:
+    """The run's masked rows: loaded from the prepared-data cache, or read, templated, masked and stored.
+
+    Needs the tokenizer only, never the weights, and not even that for a bad row, which stops
+    the run first. ``config`` gets the resolved max_length.
+    """
+    from sftcore import cache
+
+    directory, key = cache_directory(config), None
+    if directory is not None:
+        try:
+            key = cache.make_key(cache.key_parts(host, config, tokenizer_source(config)))
+        except OSError:  # an unreadable data file: format_data reports it
+            key = None
+    if key is not None and (hit := cache.load(directory, key)) is not None:
+        data, config["max_length"] = hit
+        log.info("prepared data: %d rows loaded from the cache, %s", len(data.rows), cache.entry_path(directory, key))
+        return data
+    items, data = format_data(host, config)
+    tokenizer = load_tokenizer(host, config, tokenizer_source(config))
+    config["max_length"] = config.get("max_length") or default_max_length_for(tokenizer)
+    mask_data(host, config, items, data, tokenizer, config["max_length"], progress, workers)
+    cache.flatten(data)
+    if key is not None:
+        path = cache.store(directory, key, data, config["max_length"])
+        log.info("prepared data: %d rows tokenized and cached, %s", len(data.rows), path)
+    return data
 
 
 @contextmanager
@@ -192,28 +240,28 @@ def run(host: Host, user_config: Mapping[str, Any], *, progress: bool = True) ->
     output = Path(config.get("output") or default_output(config))
     config["output"] = str(output)
     log.info("output: %s", output)
-    items, data = format_data(host, config)
+    data = prepare_data(host, config, progress=progress)
     with transformers_bars(progress), builtin_model_threads(config):
-        return fit(host, config, items, data, output, started, progress)
+        return fit(host, config, data, output, started, progress)
 
 
-def fit(
-    host: Host, config: dict[str, Any], items: list[Formatted], data: Prepared, output: Path, started: float,
-    progress: bool,
-) -> Summary:
-    """Load the model, mask the formatted rows, train, save; ``config`` gets the resolved max_length."""
+def fit(host: Host, config: dict[str, Any], data: Prepared, output: Path, started: float, progress: bool) -> Summary:
+    """Load the model, train on the prepared rows, save."""
     output.mkdir(parents=True, exist_ok=True)
     loader = build_stage(host, config, "loader")
     model, tokenizer = loader.load(model_path(config))
-    max_length = config.get("max_length") or default_max_length(model, tokenizer)
-    config["max_length"] = max_length
-    mask_data(host, config, items, data, tokenizer, max_length, progress)
     if not data.rows:
         raise SftError(
             f"{config['data']}: no row left to train on ({data.rows_read} read; skipped {dict(data.skipped)}; "
             f"dropped {dict(data.dropped)}); check max_length and the template's field names"
         )
-    collator = BatchCounter(build_stage(host, config, "collator", pad_token_id=tokenizer.pad_token_id))
+    collator = BatchCounter(
+        build_stage(
+            host, config, "collator",
+            pad_token_id=tokenizer.pad_token_id,
+            attn_implementation=getattr(model.config, "_attn_implementation", None),
+        )
+    )
     curve = LossCurve()
     trainer = build_trainer(host, config, model, tokenizer, data, collator, curve, output, progress)
     cfg.dump(config, output / CONFIG_FILE)
@@ -251,8 +299,10 @@ def default_output(config: Mapping[str, Any]) -> str:
 def build_trainer(host, config, model, tokenizer, data, collator, curve, output, progress=True):
     import torch
     from tqdm.auto import tqdm
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import TrainerCallback, TrainingArguments
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from sftcore.trainer import trainer_class
 
     class RecordLoss(TrainerCallback):
         """Keeps every logged loss and shows one progress bar with the latest loss on it."""
@@ -292,7 +342,7 @@ def build_trainer(host, config, model, tokenizer, data, collator, curve, output,
     callbacks = [RecordLoss()]
     for _plugin, contributed in host.call_each("trainer_callbacks", config=config):
         callbacks.extend(contributed)
-    trainer = Trainer(
+    trainer = trainer_class()(
         model=model,
         args=TrainingArguments(**arguments),
         train_dataset=data.rows,

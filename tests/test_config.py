@@ -91,7 +91,7 @@ def test_yaml_flags_and_set_reach_the_trainer_and_the_saved_config_reloads(monke
 
 
 USAGE_ERRORS = [
-    pytest.param(("--collator", "padd"), "Unknown collator 'padd'. Did you mean 'pad'? Available: pad", id="collator"),
+    pytest.param(("--collator", "padd"), "Unknown collator 'padd'. Did you mean 'pad'? Available: packed, pad", id="collator"),
     pytest.param(
         ("--template", "alpacca"), "Unknown template 'alpacca'. Did you mean 'alpaca'? Available: alpaca, alpaca-output",
         id="template",
@@ -132,7 +132,7 @@ def test_unknown_component_in_a_real_process(tmp_path):
     result = subprocess.run([SFT, "run", "--collator", "padd"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert result.stdout == ""
-    assert result.stderr.splitlines()[-1] == "Error: Unknown collator 'padd'. Did you mean 'pad'? Available: pad"
+    assert result.stderr.splitlines()[-1] == "Error: Unknown collator 'padd'. Did you mean 'pad'? Available: packed, pad"
     assert "attention:" not in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "cache").exists(), "the demo model was never made"
 

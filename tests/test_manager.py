@@ -195,7 +195,7 @@ def test_disable_argument_blocks_plugins(clean_plugin_env):
 def test_disable_env_blocks_plugins(clean_plugin_env):
     clean_plugin_env.setenv("SFT_DISABLE_PLUGINS", " pad , flash,")
     host = load_host(entry_points=False)
-    assert host.registry.names("collator") == [] and host.registry.names("loader") == []
+    assert host.registry.names("collator") == ["packed"] and host.registry.names("loader") == []
     assert sorted(host.blocked) == ["flash", "pad"]
     assert host.registry.names("masker") == ["full", "response-only"]
 
@@ -302,7 +302,7 @@ def test_call_each_collects_answers_per_plugin(clean_plugin_env, capsys):
 def test_unknown_component_suggests_the_close_name(builtin_host):
     with pytest.raises(UnknownComponentError) as info:
         builtin_host.registry.get("collator", "padd")
-    assert str(info.value) == "Unknown collator 'padd'. Did you mean 'pad'? Available: pad"
+    assert str(info.value) == "Unknown collator 'padd'. Did you mean 'pad'? Available: packed, pad"
     assert info.value.exit_code == 2
     assert isinstance(info.value, UsageError)
 

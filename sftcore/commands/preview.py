@@ -14,17 +14,6 @@ from sftcore.commands.run import config_from_cli
 from sftcore.errors import UsageError
 
 
-def load_tokenizer(host, config: dict, path: str):
-    from sftcore.train import build_stage
-
-    loader = build_stage(host, config, "loader")
-    if hasattr(loader, "load_tokenizer"):
-        return loader.load_tokenizer(path)
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)
-
-
 def spans(tokenizer, ids: list[int], labels: list[int]) -> list[tuple[bool, str]]:
     """Runs of (supervised?, decoded text) in order."""
     out: list[tuple[bool, list[int]]] = []
@@ -53,7 +42,7 @@ def command(ctx: click.Context, config_file, tokenizer_path, limit, as_json, **v
 
     With no --model and no --data (and no config naming them): the bundled demo, as `sft run`.
     """
-    from sftcore.train import default_max_length_for, format_data, mask_data, tokenizer_source
+    from sftcore.train import default_max_length_for, format_data, load_tokenizer, mask_data, tokenizer_source
 
     if tokenizer_path:
         values["model"] = tokenizer_path

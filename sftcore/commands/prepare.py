@@ -1,0 +1,53 @@
+"""`sft prepare`: tokenize and mask a data file into the prepared-data cache, ahead of `sft run`."""
+
+from __future__ import annotations
+
+import time
+
+import click
+
+from sftcore import config as cfg
+from sftcore.commands.common import host_from, stage_options
+from sftcore.commands.run import config_from_cli
+from sftcore.errors import UsageError
+
+
+@click.command("prepare")
+@click.option("--data", type=click.Path(), help="Data file (default: the config's; none at all: the demo set).")
+@click.option("--model", type=click.Path(), help="Checkpoint directory (only its tokenizer and config are read).")
+@click.option("--tokenizer", "tokenizer_path", type=click.Path(), help="Tokenizer directory, instead of --model.")
+@click.option("--config", "config_file", type=click.Path(), help="Run config: prepare exactly what `sft run --config` trains on.")
+@stage_options
+@click.option("--max-length", type=int, help="Maximum tokens per example (default: the model's, capped at 2048).")
+@click.option("--on-bad-row", type=click.Choice(["error", "skip"]), help="Stop at a bad data row, or skip and count it.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), help="Prepared-data cache (default: $SFT_CACHE_DIR/prepared or ~/.cache/sftcore/prepared).")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Tokenizing processes.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.pass_context
+def command(ctx: click.Context, config_file, tokenizer_path, workers, no_progress, **values) -> None:
+    """Tokenize and mask a data file once; `sft run` with the same data, tokenizer, components and
+    options then loads the result instead of tokenizing again.
+
+    Give `sft run` the same --max-length and --on-bad-row (or the same --config): they are part
+    of what the cache entry is for.
+    """
+    from sftcore.train import prepare_data, reasons
+
+    if tokenizer_path:
+        values["model"] = tokenizer_path
+    config = cfg.effective(config_from_cli(config_file, values, ()))
+    config.pop("training", None)
+    found = cfg.problems(config, host_from(ctx).registry)
+    if found:
+        raise UsageError("; ".join(found))
+    started = time.perf_counter()
+    data = prepare_data(host_from(ctx), config, progress=not no_progress, workers=workers)
+    seconds = time.perf_counter() - started
+    click.echo(
+        f"rows: {len(data.rows)} prepared of {data.rows_read} read; skipped: {reasons(data.skipped)}; "
+        f"dropped: {reasons(data.dropped)}; truncated: {reasons(data.truncated)}"
+    )
+    click.echo(
+        f"tokens: {data.tokens}, {data.supervised_tokens} supervised; max_length {config['max_length']}; "
+        f"{seconds:.1f}s"
+    )
