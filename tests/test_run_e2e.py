@@ -12,8 +12,7 @@ import pytest
 from cli_runs import LONG_ROW, ROWS, SFT, forbid_model_loading, json_lines, sft, write_jsonl
 
 from sftcore import IGNORE_INDEX
-from sftcore_plugins.alpaca import AlpacaTemplate, alpaca_output
-from sftcore_plugins.masking import SeparateMasker, full_masker
+from sftcore.catalogue import load_catalogue
 
 OUTPUT_FILES = (
     "model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json",
@@ -65,15 +64,18 @@ def test_demo_run_with_no_arguments(tmp_path):
     assert "cold" in answer.stdout, answer.stdout
 
 
-COMBOS = [
-    pytest.param(("alpaca", "response-only", "pad", "flash"), id="alpaca-response-only"),
-    pytest.param(("alpaca-output", "full", "pad", "flash"), id="alpaca-output-full"),
-]
+TRAINED_STAGES = ("template", "masker", "collator", "loader")
+
+
+def builtin_combos() -> list[tuple[str, ...]]:
+    """As few component combinations as cover every built-in of registry.yaml at least once."""
+    names = {s: sorted(c["name"] for c in load_catalogue().components if c["stage"] == s) for s in TRAINED_STAGES}
+    return [tuple(names[s][i % len(names[s])] for s in TRAINED_STAGES) for i in range(max(map(len, names.values())))]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("names", COMBOS)
-def test_each_builtin_component_trains_and_reloads(monkeypatch, tmp_path, tiny_model_dir, tiny_tokenizer, names):
+@pytest.mark.parametrize("names", builtin_combos(), ids="-".join)
+def test_each_builtin_component_trains_and_reloads(monkeypatch, tmp_path, tiny_model_dir, tiny_tokenizer, builtin_host, names):
     template, masker, collator, loader = names
     data = write_jsonl(tmp_path / "train.jsonl", ROWS)
     output = tmp_path / "out"
@@ -88,13 +90,12 @@ def test_each_builtin_component_trains_and_reloads(monkeypatch, tmp_path, tiny_m
     for bar in TRANSFORMERS_BARS:
         assert bar not in result.stderr, "--no-progress silences transformers' bars too"
     saved = (output / "sft_config.yaml").read_text()
-    for stage, name in zip(("template", "masker", "collator", "loader"), names):
+    for stage, name in zip(TRAINED_STAGES, names):
         assert re.search(rf"^{stage}:\n  name: {re.escape(name)}$", saved, re.M), (stage, saved)
 
     # What the run counted must be what these components make of the rows, computed here directly.
-    build_template = {"alpaca": AlpacaTemplate, "alpaca-output": alpaca_output}[template]()
-    build_masker = {"response-only": SeparateMasker, "full": full_masker}[masker]()
-    masked = [build_masker(*build_template.format(row), tiny_tokenizer, 128) for row in ROWS]
+    built_template, built_masker = builtin_host.registry.build("template", template), builtin_host.registry.build("masker", masker)
+    masked = [built_masker(*built_template.format(row), tiny_tokenizer, 128) for row in ROWS]
     summary = json.loads((output / "summary.json").read_text())
     assert summary["steps"] == 3
     assert summary["tokens"] == sum(len(m["input_ids"]) for m in masked)
