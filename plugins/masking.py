@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 from sftcore import IGNORE_INDEX, RowDropped, hookimpl
-from sftcore.tokens import encode_prompts, encode_texts, eos_id, special_affixes
+from sftcore.tokens import clip_text, encode_prompts, encode_texts, eos_id, special_affixes
 
 Truncation = Literal["prompt-left", "right", "drop"]
 
@@ -42,6 +42,10 @@ class SeparateMasker:
     ) -> list[dict | RowDropped]:
         eos = eos_id(tokenizer)
         n_prefix = len(special_affixes(tokenizer)[0])
+        # Truncation keeps the prompt's end (its response marker), except `right`, which keeps its start.
+        side = "head" if self.truncation == "right" else "tail"
+        prompts = [clip_text(tokenizer, p, max_length, side) for p in prompts]
+        responses = [clip_text(tokenizer, r, max_length, "head") for r in responses]
         out: list[dict | RowDropped] = []
         for p, r in zip(encode_prompts(tokenizer, prompts), encode_texts(tokenizer, responses)):
             try:
@@ -54,7 +58,7 @@ class SeparateMasker:
         truncated = None
         if len(prompt) + len(response) > max_length:
             if self.truncation == "drop":
-                raise RowDropped("too-long", f"{len(prompt) + len(response)} tokens > max_length {max_length}")
+                raise RowDropped("too-long", f"more than max_length {max_length} tokens")  # a clipped row's count is not its length
             if self.truncation == "right":
                 response = response[: max(0, max_length - len(prompt))]
                 prompt = prompt[:max_length]

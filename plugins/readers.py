@@ -2,38 +2,101 @@
 
 Rows are numbered from 1: the Nth element of the array, or line N of a JSON Lines file.
 A bad row is yielded as a `DataError` in place of the row, so a skip policy can go on; a bad
-file raises.
+file raises. JSON Lines is read a line at a time, so memory holds one line, not the file;
+a JSON array has to be parsed whole.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 from sftcore import hookimpl
 from sftcore.errors import DataError
 
+# A JSON escape that may decode to half a UTF-16 surrogate pair; only then are strings checked.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
-def _read_text(path: str) -> str:
+
+def _open(path: str):
     try:
-        with open(path, "rb") as handle:
-            raw = handle.read()
+        return open(path, "rb")
     except OSError as exc:
         raise DataError(path, None, None, f"cannot read file: {exc.strerror or exc}", reason="unreadable") from None
+
+
+def _not_utf8(path: str, line: int, byte: int) -> DataError:
+    # Raised, not yielded, even under --on-bad-row skip: a file saved in another encoding would
+    # otherwise lose every row with an accent, silently.
+    return DataError(
+        path, line, None, f"not valid UTF-8 (byte 0x{byte:02x}); re-save the file as UTF-8",
+        reason="not-utf8", unit="line",
+    )
+
+
+def _read_text(path: str) -> str:
+    with _open(path) as handle:
+        try:
+            raw = handle.read()
+        except OSError as exc:
+            raise DataError(path, None, None, f"cannot read file: {exc.strerror or exc}", reason="unreadable") from None
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise DataError(
-            path, line, None, f"not valid UTF-8 (byte 0x{raw[exc.start]:02x}); re-save the file as UTF-8",
-            reason="not-utf8", unit="line",
-        ) from None
+        raise _not_utf8(path, raw[: exc.start].count(b"\n") + 1, raw[exc.start]) from None
 
 
-def _object(path: str, index: int, value: Any, unit: str) -> Mapping[str, Any] | DataError:
+def _parse(text: str) -> tuple[Any, str | None, int | None]:
+    """``(value, problem, line_in_text)``: what ``json.loads`` raises besides a syntax error is a problem too."""
+    try:
+        return json.loads(text), None, None
+    except json.JSONDecodeError as exc:
+        return None, f"invalid JSON: {exc.msg} (column {exc.colno})", exc.lineno
+    except RecursionError:
+        return None, "invalid JSON: nested too deeply", None
+    except ValueError as exc:  # an integer of more than 4300 digits
+        return None, f"invalid JSON: {exc}", None
+
+
+def _has_surrogate(value: Any) -> bool:
+    """True when a string anywhere in ``value`` holds an unpaired surrogate, which is not text.
+
+    Iterative: rows nest as deep as the JSON parser allows, deeper than a recursive walk could go.
+    """
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
+def _broken_field(row: Mapping[str, Any]) -> str | None:
+    """The top-level field of ``row`` that holds a surrogate, named printably, if any."""
+    for key, item in row.items():
+        if _has_surrogate(key):
+            return key.encode("utf-8", "backslashreplace").decode("ascii", "backslashreplace")
+        if _has_surrogate(item):
+            return key
+    return None
+
+
+def _object(path: str, index: int, value: Any, unit: str, escaped: bool) -> Mapping[str, Any] | DataError:
     if not isinstance(value, dict):
         return DataError(path, index, None, f"expected a JSON object, got {type(value).__name__}", reason="not-an-object", unit=unit)
+    field = _broken_field(value) if escaped else None
+    if field is not None:
+        return DataError(path, index, field, "has an unpaired \\uD800-\\uDFFF escape, which is not text", reason="not-unicode", unit=unit)
     return value
 
 
@@ -44,34 +107,41 @@ class JsonReader:
         text = _read_text(path)
         if not text.strip():
             raise DataError(path, None, None, "the file is empty", reason="empty-file")
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(path, exc.lineno, None, f"invalid JSON: {exc.msg} (column {exc.colno})", reason="bad-json", unit="line") from None
+        data, problem, line = _parse(text)
+        if problem:
+            raise DataError(path, line, None, problem, reason="bad-json", unit="line")
         if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
             data = next(iter(data.values()))  # {"train": [...]} style wrappers
         if not isinstance(data, list):
             raise DataError(path, None, None, f"expected a JSON array of objects, got {type(data).__name__}", reason="bad-json")
+        escaped = bool(_SURROGATE_ESCAPE.search(text))
+        del text
         for index, value in enumerate(data, start=1):
-            yield index, _object(path, index, value, "row")
+            yield index, _object(path, index, value, "row", escaped)
 
 
 class JsonLinesReader:
     suffixes = (".jsonl", ".ndjson")
 
     def read(self, path: str) -> Iterator[tuple[int, Mapping[str, Any] | DataError]]:
-        text = _read_text(path)
-        if not text.strip():
+        seen = False
+        with _open(path) as handle:
+            # Split on b"\n" only: str.splitlines() would also break a row at a U+2028 inside a string.
+            for number, raw in enumerate(handle, start=1):
+                try:
+                    line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+                except UnicodeDecodeError as exc:
+                    raise _not_utf8(path, number, raw[exc.start]) from None
+                if not line.strip():
+                    continue
+                seen = True
+                value, problem, _ = _parse(line)
+                if problem:
+                    yield number, DataError(path, number, None, problem, reason="bad-json", unit="line")
+                    continue
+                yield number, _object(path, number, value, "line", bool(_SURROGATE_ESCAPE.search(line)))
+        if not seen:
             raise DataError(path, None, None, "the file is empty", reason="empty-file")
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield number, DataError(path, number, None, f"invalid JSON: {exc.msg} (column {exc.colno})", reason="bad-json", unit="line")
-                continue
-            yield number, _object(path, number, value, "line")
 
 
 @hookimpl

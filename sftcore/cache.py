@@ -186,6 +186,7 @@ def key_parts(host: Any, config: Mapping[str, Any], tokenizer_dir: str | os.Path
         **stages,
         "max_length": config.get("max_length"),
         "on_bad_row": config.get("on_bad_row", "error"),
+        "on_duplicate": config.get("on_duplicate", "keep"),
     }
 
 
@@ -230,6 +231,7 @@ def store(directory: str | os.PathLike, key: str, prepared: Prepared, max_length
         "dropped": dict(prepared.dropped),
         "truncated": dict(prepared.truncated),
         "dropped_rows": {str(k): v for k, v in prepared.dropped_rows.items()},
+        "duplicates": prepared.duplicates,
         "truncated_names": rows.truncated_names,
         "checksum": _checksum(arrays),
     }
@@ -281,6 +283,7 @@ def _read(path: Path, key: str) -> tuple[Prepared, int]:
         dropped=Counter(meta["dropped"]),
         truncated=Counter(meta["truncated"]),
         dropped_rows={int(k): v for k, v in meta["dropped_rows"].items()},
+        duplicates=int(meta.get("duplicates", 0)),
     )
     return prepared, int(meta["max_length"])
 

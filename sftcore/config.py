@@ -7,6 +7,7 @@ Shape (every key optional; `sft run` with none trains the bundled demo)::
     output: runs/my-run
     max_length: 1024
     on_bad_row: error            # or skip
+    on_duplicate: keep           # a row repeating an earlier prompt and response: keep, skip or error
     cache_dir: null              # prepared-data cache; default <sftcore cache>/prepared, false: none
     template: alpaca             # a name, or {name: alpaca, options: {...}}
     masker: response-only
@@ -34,7 +35,7 @@ from sftcore.catalogue import load_catalogue
 from sftcore.errors import UsageError
 from sftcore.registry import STAGES, Registry, option_problems, unknown_message
 
-TOP_KEYS = {"model", "data", "output", "max_length", "on_bad_row", "cache_dir", "training", *STAGES}
+TOP_KEYS = {"model", "data", "output", "max_length", "on_bad_row", "on_duplicate", "cache_dir", "training", *STAGES}
 # Options the host supplies itself, so a factory may require them without the user passing them.
 HOST_OPTIONS = {"collator": {"pad_token_id", "attn_implementation"}}
 
@@ -126,6 +127,7 @@ def effective(config: Mapping[str, Any]) -> dict[str, Any]:
     training = {**TRAINING_DEFAULTS, **(DEMO_TRAINING if demo else {}), **(out.get("training") or {})}
     out["training"] = training
     out.setdefault("on_bad_row", "error")
+    out.setdefault("on_duplicate", "keep")
     for stage in STAGES:
         name, options = component(out, stage)
         out[stage] = {"name": name, "options": options} if name else None
@@ -157,6 +159,8 @@ def problems(config: Mapping[str, Any], registry: Registry, *, check_files: bool
         found.append(f"cache_dir must be a directory or false (no cache), got {cache_dir!r}")
     if config.get("on_bad_row", "error") not in ("error", "skip"):
         found.append(f"on_bad_row must be 'error' or 'skip', got {config.get('on_bad_row')!r}")
+    if config.get("on_duplicate", "keep") not in ("keep", "skip", "error"):
+        found.append(f"on_duplicate must be 'keep', 'skip' or 'error', got {config.get('on_duplicate')!r}")
     for stage in STAGES:
         value = config.get(stage)
         if value is None:

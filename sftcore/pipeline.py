@@ -5,6 +5,7 @@ Nothing here knows a component by name: the template, masker and reader come in 
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from sftcore.errors import DataError, FieldError, RowDropped, UsageError
 from sftcore.registry import Registry
 
 OnBadRow = Literal["error", "skip"]
+OnDuplicate = Literal["keep", "skip", "error"]
 MASK_BATCH = 1024
 
 
@@ -36,6 +38,7 @@ class Prepared:
     dropped: Counter = field(default_factory=Counter)  # rows a masker could not train on, by reason
     truncated: Counter = field(default_factory=Counter)  # kept rows that were cut: prompt / response
     dropped_rows: dict[int, str] = field(default_factory=dict)  # source row -> reason
+    duplicates: int = 0  # rows whose (prompt, response) an earlier row already had, kept or skipped
 
     @property
     def tokens(self) -> int:
@@ -81,9 +84,15 @@ def format_rows(
     path: str,
     on_bad_row: OnBadRow,
     prepared: Prepared,
+    on_duplicate: OnDuplicate = "keep",
 ) -> list[Formatted]:
-    """Apply the template; a bad row stops the run (``error``) or is counted and left out (``skip``)."""
+    """Apply the template; a bad row stops the run (``error``) or is counted and left out (``skip``).
+
+    A row with the same prompt and response as an earlier one is a duplicate: counted, and
+    kept, skipped or an error per ``on_duplicate``.
+    """
     out: list[Formatted] = []
+    seen: dict[bytes, int] = {}
     for number, row in rows:
         prepared.rows_read += 1
         if isinstance(row, DataError):
@@ -91,7 +100,8 @@ def format_rows(
         else:
             try:
                 prompt, response = template.format(row)
-                out.append(Formatted(number, prompt, response))
+                if is_new(seen, number, prompt, response, path, on_duplicate, prepared):
+                    out.append(Formatted(number, prompt, response))
                 continue
             except FieldError as exc:
                 problem = DataError(path, number, exc.field, exc.message, reason=exc.reason)
@@ -101,6 +111,33 @@ def format_rows(
             raise problem
         prepared.skipped[problem.reason] += 1
     return out
+
+
+def is_new(
+    seen: dict[bytes, int], number: int, prompt: str, response: str, path: str, on_duplicate: OnDuplicate,
+    prepared: Prepared,
+) -> bool:
+    """Whether a formatted row goes on to masking: a first occurrence, or a duplicate under ``keep``.
+
+    ``seen`` maps a digest of (prompt, response) to its first row: 16 bytes a row, not the text.
+    """
+    key = hashlib.blake2b(digest_size=16)
+    for text in (prompt, response):
+        data = str(text).encode("utf-8", "surrogatepass")
+        key.update(len(data).to_bytes(8, "little") + data)
+    first = seen.setdefault(key.digest(), number)
+    if first == number:
+        return True
+    prepared.duplicates += 1
+    if on_duplicate == "error":
+        raise DataError(
+            path, number, None, f"same prompt and response as row {first}; pass --on-duplicate keep or skip to allow it",
+            reason="duplicate",
+        )
+    if on_duplicate == "skip":
+        prepared.skipped["duplicate"] += 1
+        return False
+    return True
 
 
 def mask_rows(
@@ -174,8 +211,9 @@ def prepare(
     max_length: int,
     on_bad_row: OnBadRow = "error",
     progress: Callable[[int], None] | None = None,
+    on_duplicate: OnDuplicate = "keep",
 ) -> Prepared:
     prepared = Prepared()
-    items = format_rows(template, read_rows(reader, path), path, on_bad_row, prepared)
+    items = format_rows(template, read_rows(reader, path), path, on_bad_row, prepared, on_duplicate)
     mask_rows(masker, items, tokenizer, max_length, prepared, progress)
     return prepared

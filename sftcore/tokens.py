@@ -91,6 +91,41 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
     return [prefix + ids for ids in encode_texts(tokenizer, prompts)]
 
 
+# Characters kept beyond the bound in `clip_text`, so rows of ordinary length are never touched.
+CLIP_MARGIN = 4096
+
+
+def max_token_chars(tokenizer: Any) -> int:
+    """An upper bound on the characters of text one token stands for: its longest vocabulary entry.
+
+    A vocabulary entry spells its text with at least as many characters as the text has:
+    byte-level BPE spells each byte with one character, SentencePiece a space with one '▁',
+    byte fallback one byte with six ('<0xE9>').
+    """
+    cached = getattr(tokenizer, "_sftcore_token_chars", None)
+    if cached is not None:
+        return cached
+    longest = max((len(token) for token in tokenizer.get_vocab()), default=1)
+    try:
+        tokenizer._sftcore_token_chars = longest
+    except AttributeError:
+        pass
+    return longest
+
+
+def clip_text(tokenizer: Any, text: str, max_length: int, keep: str = "head") -> str:
+    """``text`` cut to a length that still makes more than ``max_length`` tokens; ``keep``: head or tail.
+
+    A multi-megabyte row would otherwise be tokenized whole (seconds and gigabytes of ids) only
+    to be cut to ``max_length``. The bound doubles the characters ``max_length + 1`` tokens can
+    stand for (normalizers may fold two characters into one), plus a margin; tokens can differ
+    from the whole text's only around the cut, far past the ``max_length`` tokens kept.
+    """
+    limit = 2 * (max_length + 1) * max_token_chars(tokenizer) + CLIP_MARGIN
+    if len(text) <= limit:
+        return text
+    return text[:limit] if keep == "head" else text[-limit:]
+
 def eos_id(tokenizer: Any) -> int:
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is None:

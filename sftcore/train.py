@@ -41,13 +41,15 @@ class Summary:
     last_loss: float | None
     seconds: float
     files: list[str] = field(default_factory=list)
+    duplicates: int = 0
 
     def lines(self) -> list[str]:
         first = "n/a" if self.first_loss is None else f"{self.first_loss:.4f}"
         last = "n/a" if self.last_loss is None else f"{self.last_loss:.4f}"
         return [
             f"rows: {self.rows_used} used of {self.rows_read} read; skipped: {reasons(self.skipped)}; "
-            f"dropped: {reasons(self.dropped)}; truncated: {reasons(self.truncated)}",
+            f"dropped: {reasons(self.dropped)}; truncated: {reasons(self.truncated)}"
+            + (f"; duplicates: {self.duplicates}" if self.duplicates else ""),
             f"tokens: {self.tokens} per epoch, {self.supervised_tokens} supervised "
             f"({self.supervised_tokens / max(self.tokens, 1):.0%}); padding {self.padding_fraction:.1%} of batch positions",
             f"speed: {self.tokens_per_second:,.0f} real tokens/s over {self.steps} steps in {self.seconds:.1f}s",
@@ -124,7 +126,9 @@ def format_data(host: Host, config: Mapping[str, Any], *, limit: int | None = No
     if limit is not None:
         rows = itertools.islice(rows, limit)
     template = build_stage(host, config, "template")
-    items = format_rows(template, rows, config["data"], config.get("on_bad_row", "error"), prepared)
+    items = format_rows(
+        template, rows, config["data"], config.get("on_bad_row", "error"), prepared, config.get("on_duplicate", "keep")
+    )
     return items, prepared
 
 
@@ -286,6 +290,7 @@ def fit(host: Host, config: dict[str, Any], data: Prepared, output: Path, starte
         last_loss=curve.points[-1][1] if curve.points else None,
         seconds=seconds,
         files=files,
+        duplicates=data.duplicates,
     )
     (output / SUMMARY_FILE).write_text(json.dumps(asdict(summary), indent=2) + "\n")
     return summary

@@ -19,6 +19,14 @@ def host_from(ctx: click.Context) -> Host:
     return obj["host"]
 
 
+# Shared by run, preview and prepare: duplicates change which rows are trained on.
+on_duplicate_option = click.option(
+    "--on-duplicate",
+    type=click.Choice(["keep", "skip", "error"]),
+    help="A row with the same prompt and response as an earlier one: keep it (default), skip it, or stop.",
+)
+
+
 def stage_options(function):
     """`--template NAME --template-opt k=v` (and so on) for every stage."""
     for stage in reversed(list(STAGES)):

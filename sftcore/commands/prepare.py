@@ -7,7 +7,7 @@ import time
 import click
 
 from sftcore import config as cfg
-from sftcore.commands.common import host_from, stage_options
+from sftcore.commands.common import host_from, on_duplicate_option, stage_options
 from sftcore.commands.run import config_from_cli
 from sftcore.errors import UsageError
 
@@ -20,6 +20,7 @@ from sftcore.errors import UsageError
 @stage_options
 @click.option("--max-length", type=int, help="Maximum tokens per example (default: the model's, capped at 2048).")
 @click.option("--on-bad-row", type=click.Choice(["error", "skip"]), help="Stop at a bad data row, or skip and count it.")
+@on_duplicate_option
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Prepared-data cache (default: $SFT_CACHE_DIR/prepared or ~/.cache/sftcore/prepared).")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Tokenizing processes.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from sftcore import config as cfg
-from sftcore.commands.common import host_from, stage_options
+from sftcore.commands.common import host_from, on_duplicate_option, stage_options
 from sftcore.registry import STAGES
 
 FLAG_TO_TRAINING = {
@@ -21,7 +21,7 @@ FLAG_TO_TRAINING = {
 def config_from_cli(config_file: str | None, values: dict, sets: tuple[str, ...]) -> dict:
     """The YAML config (if any) with command-line flags laid over it."""
     config = cfg.load_yaml(config_file) if config_file else {}
-    for key in ("model", "data", "output", "max_length", "on_bad_row", "cache_dir"):
+    for key in ("model", "data", "output", "max_length", "on_bad_row", "on_duplicate", "cache_dir"):
         if values.get(key) is not None:
             config[key] = values[key]
     for stage in STAGES:
@@ -51,6 +51,7 @@ def config_from_cli(config_file: str | None, values: dict, sets: tuple[str, ...]
 @click.option("--seed", type=int, help="Random seed.")
 @click.option("--max-steps", type=int, help="Stop after this many optimizer steps.")
 @click.option("--on-bad-row", type=click.Choice(["error", "skip"]), help="Stop at a bad data row, or skip and count it.")
+@on_duplicate_option
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Prepared-data cache (default: $SFT_CACHE_DIR/prepared or ~/.cache/sftcore/prepared).")
 @click.option("--set", "sets", multiple=True, metavar="FIELD=VALUE", help="Any TrainingArguments field (repeatable).")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
