@@ -1,7 +1,9 @@
 """Model loader `flash`: AutoModelForCausalLM + AutoTokenizer from a local checkpoint.
 
 Attention: FlashAttention 4, 3 or 2 when the package is installed and a CUDA GPU of a
-generation it supports is present, else PyTorch's sdpa; one log line says which and why.
+generation it supports is present; for padding-free batches (option ``packing``, which the host
+sets for a collator with ``padding_free = True``) PyTorch's own varlen kernel next
+(``sft_varlen``, see sftcore.varlen); else PyTorch's sdpa. One log line says which and why.
 Precision: bf16 where the GPU supports it, fp32 otherwise (CPU training in bf16 is slower).
 The tokenizer pads on the right, adds no EOS by itself and gets a pad token if it lacks one:
 an unused special token it already has (unk, a reserved or pad token), else a new ``<|pad|>``
@@ -17,12 +19,14 @@ from sftcore import hookimpl
 
 log = logging.getLogger("sftcore.loader")
 
-Attention = Literal["auto", "flash_attention_4", "flash_attention_3", "flash_attention_2", "sdpa", "eager"]
+Attention = Literal[
+    "auto", "flash_attention_4", "flash_attention_3", "flash_attention_2", "sft_varlen", "sdpa", "eager"
+]
 PAD_MULTIPLE = 64
 
 
-def pick_attention(requested: str = "auto") -> tuple[str, str]:
-    """``(attn_implementation, why)`` for this machine."""
+def pick_attention(requested: str = "auto", packing: bool = False) -> tuple[str, str]:
+    """``(attn_implementation, why)`` for this machine; ``packing``: batches are padding-free."""
     if requested != "auto":
         return requested, "asked for with attn_implementation"
     import torch
@@ -40,7 +44,14 @@ def pick_attention(requested: str = "auto") -> tuple[str, str]:
         return "flash_attention_3", f"flash-attn-3 installed, sm_{major}{minor}"
     if iu.is_flash_attn_2_available():
         return "flash_attention_2", f"flash-attn installed, sm_{major}{minor}"
-    return "sdpa", "no FlashAttention package installed (pip install 'sftcore[flash]')"
+    missing = "no FlashAttention package installed (pip install 'sftcore[flash]')"
+    if not packing:
+        return "sdpa", missing
+    from sftcore import varlen
+
+    if varlen.kernel() is None:
+        return "sdpa", f"{missing}; padding-free batches, but torch {torch.__version__} has no varlen_attn"
+    return varlen.NAME, f"{missing}; padding-free batches: PyTorch's varlen kernel, sm_{major}{minor}"
 
 
 def pick_dtype(requested: str = "auto") -> Any:
@@ -61,6 +72,7 @@ class FlashLoader:
         max_length: int | None = None,
         trust_remote_code: bool = False,
         allow_pickle: bool = False,
+        packing: bool = False,
     ) -> None:
         self.options = {
             "attn_implementation": attn_implementation,
@@ -68,6 +80,7 @@ class FlashLoader:
             "max_length": max_length,
             "trust_remote_code": trust_remote_code,
             "allow_pickle": allow_pickle,
+            "packing": packing,
         }
 
     def load(self, model_name_or_path: str, **options: Any) -> tuple[Any, Any]:
@@ -76,9 +89,15 @@ class FlashLoader:
         opts = {**self.options, **options}
         if opts["trust_remote_code"]:
             log.warning("trust_remote_code is on: code shipped in %s will run", model_name_or_path)
-        attention, why = pick_attention(opts["attn_implementation"])
+        attention, why = pick_attention(opts["attn_implementation"], opts["packing"])
         dtype = pick_dtype(opts["dtype"])
         log.info("attention: %s (%s); dtype: %s", attention, why, str(dtype).removeprefix("torch."))
+        if attention == "sft_varlen":
+            from sftcore import varlen
+
+            varlen.register()
+            if dtype not in varlen.KERNEL_DTYPES:
+                log.warning("sft_varlen: its kernel takes fp16/bf16 only; in %s each example goes through sdpa alone (slow)", dtype)
         tokenizer = self.load_tokenizer(model_name_or_path, **options)
         model = AutoModelForCausalLM.from_pretrained(
             model_name_or_path,
