@@ -38,6 +38,9 @@ def command(ctx, model, instruction, context, row_json, max_new_tokens, temperat
     config_path = Path(model) / "sft_config.yaml"
     if not config_path.is_file():
         raise UsageError(f"{model} has no sft_config.yaml: pass the output directory of `sft run`")
+    # The config is saved when training starts, the weights when it ends: an interrupted run has only the first.
+    if not any((Path(model) / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
+        raise UsageError(f"{model} has no trained weights (model.safetensors): its run did not finish")
     run_config = cfg.effective(cfg.load_yaml(str(config_path)))
     if row_json:
         try:
