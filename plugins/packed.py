@@ -18,10 +18,13 @@ batch it still fits.
 from __future__ import annotations
 
 import bisect
+import logging
 from typing import Any
 
 from sftcore import IGNORE_INDEX, hookimpl
 from sftcore.errors import UsageError
+
+log = logging.getLogger("sftcore.collator")
 
 
 class PackedCollator:
@@ -30,6 +33,12 @@ class PackedCollator:
             raise ValueError("max_tokens_per_batch must be a positive integer")
         self.max_tokens = max_tokens_per_batch
         self.varlen = "flash" in (attn_implementation or "")
+        if attn_implementation and not self.varlen:
+            log.warning(
+                "packed batches under %s attend over the whole packed row, masked per example: the cost grows "
+                "with the square of max_tokens_per_batch; FlashAttention's varlen kernels do not pay it",
+                attn_implementation,
+            )
 
     def __call__(self, features: list[dict]) -> dict[str, Any]:
         import torch
@@ -40,7 +49,13 @@ class PackedCollator:
         position_ids = torch.cat([torch.arange(n, dtype=torch.long) for n in lengths])
         starts = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
         labels[starts[:-1].long()] = IGNORE_INDEX
-        batch = {"input_ids": input_ids[None], "labels": labels[None], "position_ids": position_ids[None]}
+        batch = {
+            "input_ids": input_ids[None], "labels": labels[None], "position_ids": position_ids[None],
+            # transformers builds its per-example mask for sdpa and eager only when no KV cache is
+            # passed, and models make one by default (config.use_cache), in training too: without
+            # this, examples would attend to each other.
+            "use_cache": False,
+        }
         if self.varlen:
             longest = max(lengths)
             batch.update(cu_seq_lens_q=starts, cu_seq_lens_k=starts, max_length_q=longest, max_length_k=longest)
