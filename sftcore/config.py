@@ -151,6 +151,9 @@ def problems(config: Mapping[str, Any], registry: Registry, *, check_files: bool
         model = config.get("model")
         if model and not str(model).startswith("builtin:") and not Path(model).is_dir():
             found.append(f"model directory not found: {model}")
+        output = config.get("output")
+        if output and Path(output).exists() and not Path(output).is_dir():
+            found.append(f"output must be a directory, but {output} is a file")
     max_length = config.get("max_length")
     if max_length is not None and (not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 2):
         found.append(f"max_length must be an integer >= 2, got {max_length!r}")

@@ -114,6 +114,7 @@ USAGE_ERRORS = [
     pytest.param(("--set", "warmup"), "--set expects key=value, got 'warmup'", id="set-syntax"),
     pytest.param(("--model", "."), "give both --model and --data (or neither, to train the bundled demo)", id="model-no-data"),
     pytest.param(("--data", "x.jsonl"), "give both --model and --data", id="data-no-model"),
+    pytest.param(("--output", "train.jsonl"), "output must be a directory, but train.jsonl is a file", id="output-file"),
 ]
 
 
@@ -121,6 +122,7 @@ USAGE_ERRORS = [
 def test_usage_errors_exit_2_before_any_model_loads(monkeypatch, tmp_path, args, message):
     forbid_model_loading(monkeypatch)
     monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "train.jsonl", ROWS)
     result = sft(monkeypatch, "run", *args, "--no-progress")
     assert result.exit_code == 2, result.output
     assert message in result.stderr, result.stderr
