@@ -6,9 +6,10 @@ for FlashAttention's varlen kernels). The label at each example's first position
 example learns to predict its first token from the one before it; a padded batch never trains
 that position either (labels are shifted by one), so the loss per token is the same.
 
-Under a FlashAttention implementation the batch also carries ``cu_seq_lens_q/k`` and
-``max_length_q/k``: without them transformers derives them from ``position_ids`` in every
-layer, a device-to-host sync each time.
+Under a varlen attention implementation (FlashAttention, ``sft_varlen``) the batch also carries
+``cu_seq_lens_q/k`` and ``max_length_q/k``: without them transformers derives them from
+``position_ids`` in every layer, a device-to-host sync each time. ``padding_free = True`` tells
+the host so, and the flash loader then prefers such an implementation.
 
 Batches are filled to ``max_tokens_per_batch`` (default: batch size x the longest row, the most
 a padded batch can hold) by best-fit decreasing: rows longest first, each into the fullest
@@ -25,14 +26,17 @@ from sftcore import IGNORE_INDEX, hookimpl
 from sftcore.errors import UsageError
 
 log = logging.getLogger("sftcore.collator")
+VARLEN_ATTENTION = ("flash", "sft_varlen")  # implementations that read cu_seq_lens_q/k (substrings)
 
 
 class PackedCollator:
+    padding_free = True
+
     def __init__(self, max_tokens_per_batch: int | None = None, attn_implementation: str | None = None) -> None:
         if max_tokens_per_batch is not None and max_tokens_per_batch < 1:
             raise ValueError("max_tokens_per_batch must be a positive integer")
         self.max_tokens = max_tokens_per_batch
-        self.varlen = "flash" in (attn_implementation or "")
+        self.varlen = any(name in (attn_implementation or "") for name in VARLEN_ATTENTION)
         if attn_implementation and not self.varlen:
             log.warning(
                 "packed batches under %s attend over the whole packed row, masked per example: the cost grows "

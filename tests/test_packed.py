@@ -37,7 +37,7 @@ def test_packed_batch_is_one_row_with_restarting_positions():
     assert ROWS[2]["labels"][0] == 0, "the input rows are not modified"
 
 
-@pytest.mark.parametrize("attention", ["flash_attention_2", "flash_attention_4", "kernels-community/flash-attn3"])
+@pytest.mark.parametrize("attention", ["flash_attention_2", "flash_attention_4", "kernels-community/flash-attn3", "sft_varlen"])
 def test_flash_batches_carry_the_varlen_arguments(attention):
     batch = PackedCollator(attn_implementation=attention)(ROWS)
     assert batch["cu_seq_lens_q"].dtype == torch.int32
