@@ -58,6 +58,7 @@ def test_generate_feeds_the_training_prompt(monkeypatch, trained, generate_calls
         "--show-prompt", "--max-new-tokens", 6, "--no-progress",
     )
     assert result.exit_code == 0, result.output
+    assert "Loading weights" not in result.stderr, "--no-progress silences transformers' bar"
     prompt = alpaca_output(**COLUMNS).format_prompt(ROW)
     assert "### Output:" in prompt
 
