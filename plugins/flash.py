@@ -5,6 +5,8 @@ generation it supports is present; for padding-free batches (option ``packing``,
 sets for a collator with ``padding_free = True``) PyTorch's own varlen kernel next
 (``sft_varlen``, see sftcore.varlen); else PyTorch's sdpa. One log line says which and why.
 Precision: bf16 where the GPU supports it, fp32 otherwise (CPU training in bf16 is slower).
+``chunked_loss``: the loss over the lm_head in chunks of ``loss_chunk_tokens`` (sftcore.loss),
+never the whole (tokens x vocabulary) logits and their float32 copy, often a run's peak memory.
 The tokenizer pads on the right, adds no EOS by itself and gets a pad token if it lacks one:
 an unused special token it already has (unk, a reserved or pad token), else a new ``<|pad|>``
 with the embeddings resized to a multiple of 64, new rows initialised to the mean of the old.
@@ -73,7 +75,11 @@ class FlashLoader:
         trust_remote_code: bool = False,
         allow_pickle: bool = False,
         packing: bool = False,
+        chunked_loss: bool = False,
+        loss_chunk_tokens: int = 1024,
     ) -> None:
+        if loss_chunk_tokens < 1:
+            raise ValueError("loss_chunk_tokens must be a positive integer")
         self.options = {
             "attn_implementation": attn_implementation,
             "dtype": dtype,
@@ -81,6 +87,8 @@ class FlashLoader:
             "trust_remote_code": trust_remote_code,
             "allow_pickle": allow_pickle,
             "packing": packing,
+            "chunked_loss": chunked_loss,
+            "loss_chunk_tokens": loss_chunk_tokens,
         }
 
     def load(self, model_name_or_path: str, **options: Any) -> tuple[Any, Any]:
@@ -109,6 +117,11 @@ class FlashLoader:
         if tokenizer.pad_token_id is None:
             add_pad_token(tokenizer, model)
         model.config.pad_token_id = tokenizer.pad_token_id
+        if opts["chunked_loss"]:
+            from sftcore.loss import enable_chunked_loss
+
+            enable_chunked_loss(model, opts["loss_chunk_tokens"])
+            log.info("loss: over the lm_head in chunks of %d tokens", opts["loss_chunk_tokens"])
         return model, tokenizer
 
     def load_tokenizer(self, model_name_or_path: str, **options: Any) -> Any:
