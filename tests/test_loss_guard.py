@@ -1,0 +1,128 @@
+"""No silent zero or NaN loss: prompts longer than max_length under every truncation policy never
+make a batch without a supervised token, and the logged loss stays finite and above zero."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+from cli_runs import ROWS, forbid_model_loading, sft, write_jsonl
+
+from sftcore import IGNORE_INDEX, hookimpl
+from sftcore_plugins.pad import PadCollator
+
+MAX_LENGTH = 96
+# Prompts far over MAX_LENGTH on their own, with short answers: the reference recipe's all -100 rows.
+LONG_PROMPTS = [
+    {"instruction": " ".join(["Read this twice and think."] * 40), "input": "", "output": f"answer {i}"}
+    for i in range(4)
+]
+
+
+class RecordingCollator:
+    """The `pad` collator, keeping the labels of every batch it makes for the test to inspect."""
+
+    batches: list = []
+
+    def __init__(self, pad_token_id: int = 0) -> None:
+        self.pad = PadCollator(pad_token_id)
+
+    def __call__(self, features):
+        batch = self.pad(features)
+        RecordingCollator.batches.append(batch["labels"].clone())
+        return batch
+
+
+class Recorder:
+    @hookimpl
+    def register_collators(self, register):
+        register("recording", RecordingCollator, description="pad, recording every batch's labels")
+
+
+def losses(output) -> list[float]:
+    with open(output / "loss.csv", newline="") as handle:
+        return [float(row["loss"]) for row in csv.DictReader(handle)]
+
+
+EXPECTED = {
+    # policy: (rows used, dropped, truncated) for 4 long prompts and 2 ordinary rows
+    "prompt-left": (6, {}, {"prompt": 4}),
+    "right": (2, {"prompt-too-long": 4}, {}),
+    "drop": (2, {"too-long": 4}, {}),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("truncation", list(EXPECTED))
+def test_prompts_longer_than_max_length_never_make_an_unsupervised_batch(monkeypatch, tmp_path, tiny_model_dir, truncation):
+    RecordingCollator.batches = []
+    # Long prompts side by side: with batch size 2 they would fill whole batches if they survived as all -100.
+    data = write_jsonl(tmp_path / "long.jsonl", LONG_PROMPTS + ROWS[:2])
+    output = tmp_path / "out"
+    result = sft(
+        monkeypatch, "run", "--model", tiny_model_dir, "--data", data, "--output", output,
+        "--max-length", MAX_LENGTH, "--masker-opt", f"truncation={truncation}", "--collator", "recording",
+        "--batch-size", 2, "--epochs", 2, "--set", "lr_scheduler_type=constant", "--seed", 3, "--no-progress",
+        extra={"recorder": Recorder()},
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads((output / "summary.json").read_text())
+    assert (summary["rows_used"], summary["dropped"], summary["truncated"]) == EXPECTED[truncation]
+
+    batches = RecordingCollator.batches
+    assert len(batches) == summary["steps"] == 2 * math.ceil(summary["rows_used"] / 2)
+    for labels in batches:
+        assert labels.shape[1] <= MAX_LENGTH
+        supervised_per_row = (labels != IGNORE_INDEX).sum(dim=1)
+        assert (supervised_per_row > 0).all(), "every row of every batch carries at least one supervised token"
+
+    logged = losses(output)
+    assert len(logged) == summary["steps"]
+    assert all(math.isfinite(loss) and loss > 0 for loss in logged), logged
+
+
+def test_no_row_left_is_an_error_not_a_zero_loss(monkeypatch, tmp_path, tiny_model_dir):
+    data = write_jsonl(tmp_path / "long.jsonl", LONG_PROMPTS)
+    result = sft(
+        monkeypatch, "run", "--model", tiny_model_dir, "--data", data, "--output", tmp_path / "out",
+        "--max-length", MAX_LENGTH, "--masker-opt", "truncation=right", "--no-progress",
+    )
+    assert result.exit_code == 1
+    assert result.stderr.startswith(f"Error: {data}: no row left to train on (4 read;")
+    assert "prompt-too-long" in result.stderr and len(result.stderr.splitlines()) == 1
+
+
+class AllMaskedMasker:
+    """A faulty third-party masker: returns rows with every label -100 instead of raising RowDropped."""
+
+    def __call__(self, prompt, response, tokenizer, max_length):
+        ids = tokenizer(prompt + response, add_special_tokens=False)["input_ids"][:max_length]
+        return {"input_ids": ids, "labels": [IGNORE_INDEX] * len(ids)}
+
+
+class Faulty:
+    @hookimpl
+    def register_maskers(self, register):
+        register("all-masked", AllMaskedMasker)
+
+
+def test_a_masker_returning_all_minus_100_stops_the_run_before_the_model_loads(monkeypatch, tmp_path, tiny_model_dir):
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS[:2])
+    forbid_model_loading(monkeypatch)
+    monkeypatch.setattr("sftcore_plugins.flash.FlashLoader.load_tokenizer", lambda self, path, **kw: _tokenizer())
+    result = sft(
+        monkeypatch, "run", "--model", tiny_model_dir, "--data", data, "--output", tmp_path / "out",
+        "--masker", "all-masked", "--no-progress", extra={"faulty": Faulty()},
+    )
+    assert result.exit_code == 2
+    assert result.stderr == "Error: masker output for row 1 has no supervised token; a masker must raise RowDropped instead\n"
+
+
+def _tokenizer():
+    from transformers import AutoTokenizer
+
+    from sftcore.assets import TINY_LLAMA
+
+    return AutoTokenizer.from_pretrained(TINY_LLAMA)
