@@ -48,8 +48,9 @@ def encode_texts(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
     if encoded is None:
         # verbose=False: no "longer than the maximum ... indexing errors" warning; the masker enforces max_length.
         encoded = tokenizer(unique, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
+        encoded = [list(ids) for ids in encoded]
     if len(unique) == len(texts):
-        return [list(ids) for ids in encoded]
+        return encoded  # each list fresh from the tokenizer
     by_text = dict(zip(unique, encoded))
     return [list(by_text[text]) for text in texts]
 
