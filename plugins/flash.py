@@ -18,6 +18,7 @@ import logging
 from typing import Any, Literal
 
 from sftcore import hookimpl
+from sftcore.weights import check_weights, loading
 
 log = logging.getLogger("sftcore.loader")
 
@@ -95,8 +96,7 @@ class FlashLoader:
         from transformers import AutoModelForCausalLM
 
         opts = {**self.options, **options}
-        if opts["trust_remote_code"]:
-            log.warning("trust_remote_code is on: code shipped in %s will run", model_name_or_path)
+        check_weights(model_name_or_path, opts["allow_pickle"])
         attention, why = pick_attention(opts["attn_implementation"], opts["packing"])
         dtype = pick_dtype(opts["dtype"])
         log.info("attention: %s (%s); dtype: %s", attention, why, str(dtype).removeprefix("torch."))
@@ -107,13 +107,14 @@ class FlashLoader:
             if dtype not in varlen.KERNEL_DTYPES:
                 log.warning("sft_varlen: its kernel takes fp16/bf16 only; in %s each example goes through sdpa alone (slow)", dtype)
         tokenizer = self.load_tokenizer(model_name_or_path, **options)
-        model = AutoModelForCausalLM.from_pretrained(
-            model_name_or_path,
-            dtype=dtype,
-            attn_implementation=attention,
-            trust_remote_code=opts["trust_remote_code"],
-            use_safetensors=None if opts["allow_pickle"] else True,
-        )
+        with loading("model", model_name_or_path):
+            model = AutoModelForCausalLM.from_pretrained(
+                model_name_or_path,
+                dtype=dtype,
+                attn_implementation=attention,
+                trust_remote_code=opts["trust_remote_code"],
+                use_safetensors=None if opts["allow_pickle"] else True,
+            )
         if tokenizer.pad_token_id is None:
             add_pad_token(tokenizer, model)
         model.config.pad_token_id = tokenizer.pad_token_id
@@ -133,7 +134,10 @@ class FlashLoader:
         from transformers import AutoConfig, AutoTokenizer
 
         opts = {**self.options, **options}
-        tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, trust_remote_code=opts["trust_remote_code"])
+        if opts["trust_remote_code"]:  # `load` comes through here too: one warning either way
+            log.warning("trust_remote_code is on: code shipped in %s will run", model_name_or_path)
+        with loading("tokenizer", model_name_or_path):
+            tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, trust_remote_code=opts["trust_remote_code"])
         tokenizer.padding_side = "right"
         drop_automatic_eos(tokenizer)
         limit = opts["max_length"]

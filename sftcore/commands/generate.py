@@ -68,10 +68,12 @@ def generate(model_dir: str, prompt: str, max_new_tokens: int, temperature: floa
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from sftcore.tokens import encode_prompts
+    from sftcore.weights import loading
 
     torch.manual_seed(seed)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True)
+    with loading("model", model_dir):
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True)
     model.eval()
     ids = torch.tensor([encode_prompts(tokenizer, [prompt])[0]])
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
