@@ -76,3 +76,7 @@ def cli(ctx: click.Context, disabled: tuple[str, ...], verbose: bool) -> None:
 
 def main() -> None:
     cli(prog_name="sft")
+
+
+if __name__ == "__main__":  # `python -m sftcore.cli`: how torchrun starts each worker of `sft run --nproc`
+    main()

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from sftcore import config as cfg
+from sftcore import distributed
 from sftcore.errors import SftError
 from sftcore.manager import Host
 from sftcore.pipeline import Formatted, Prepared, format_rows, mask_rows, pick_reader, read_rows
@@ -241,18 +242,31 @@ def run(host: Host, user_config: Mapping[str, Any], *, progress: bool = True) ->
     config = cfg.effective(user_config)
     cfg.check(config, host.registry)
     started = time.perf_counter()
-    output = Path(config.get("output") or default_output(config))
-    config["output"] = str(output)
+    progress = progress and distributed.is_main_process()  # one set of bars, not one per process
+    # TrainingArguments first: under a launcher it sets up the processes, with the user's ddp_* settings.
+    args = training_arguments(config, config.get("output") or default_output(config))
+    output = Path(distributed.agreed(args.output_dir))  # each process stamps its own default name
+    args.output_dir = config["output"] = str(output)
     log.info("output: %s", output)
-    data = prepare_data(host, config, progress=progress)
+    # The main process prepares and caches; the others wait for it, then read its cache.
+    with args.main_process_first(desc="preparing data"):
+        data = prepare_data(host, config, progress=progress)
     with transformers_bars(progress), builtin_model_threads(config):
-        return fit(host, config, data, output, started, progress)
+        return fit(host, config, data, args, started, progress)
 
 
-def fit(host: Host, config: dict[str, Any], data: Prepared, output: Path, started: float, progress: bool) -> Summary:
-    """Load the model, train on the prepared rows, save."""
+def padding_free(host: Host, config: Mapping[str, Any]) -> bool:
+    """Whether the configured collator says its batches carry no padding (``padding_free = True``)."""
+    factory = host.registry.get("collator", config["collator"]["name"]).factory
+    return bool(getattr(factory, "padding_free", False))
+
+
+def fit(host: Host, config: dict[str, Any], data: Prepared, args: Any, started: float, progress: bool) -> Summary:
+    """Load the model, train on the prepared rows, save (files: the main process only)."""
+    output = Path(args.output_dir)
+    main = distributed.is_main_process()
     output.mkdir(parents=True, exist_ok=True)
-    loader = build_stage(host, config, "loader")
+    loader = build_stage(host, config, "loader", packing=padding_free(host, config))
     model, tokenizer = loader.load(model_path(config))
     if not data.rows:
         raise SftError(
@@ -267,12 +281,16 @@ def fit(host: Host, config: dict[str, Any], data: Prepared, output: Path, starte
         )
     )
     curve = LossCurve()
-    trainer = build_trainer(host, config, model, tokenizer, data, collator, curve, output, progress)
-    cfg.dump(config, output / CONFIG_FILE)
+    trainer = build_trainer(host, config, model, tokenizer, data, collator, curve, args, progress)
+    if main:
+        cfg.dump(config, output / CONFIG_FILE)
     result = trainer.train()
+    # Every process: FSDP and DeepSpeed gather the weights for it; the main process writes.
     trainer.save_model(str(output))  # weights (safetensors) and tokenizer, no optimizer state
     trainer.save_state()
-    files = [str(p) for p in curve.write(output)]
+    # Each process counted only the batches it collated.
+    collator.real_tokens, collator.positions = distributed.summed(collator.real_tokens, collator.positions)
+    files = [str(p) for p in curve.write(output)] if main else []
     seconds = time.perf_counter() - started
     summary = Summary(
         output=str(output),
@@ -292,7 +310,8 @@ def fit(host: Host, config: dict[str, Any], data: Prepared, output: Path, starte
         files=files,
         duplicates=data.duplicates,
     )
-    (output / SUMMARY_FILE).write_text(json.dumps(asdict(summary), indent=2) + "\n")
+    if main:
+        (output / SUMMARY_FILE).write_text(json.dumps(asdict(summary), indent=2) + "\n")
     return summary
 
 
@@ -301,10 +320,32 @@ def default_output(config: Mapping[str, Any]) -> str:
     return f"sft-runs/{'demo' if config['model'] == BUILTIN_MODEL else 'run'}-{stamp}"
 
 
-def build_trainer(host, config, model, tokenizer, data, collator, curve, output, progress=True):
+def training_arguments(config: Mapping[str, Any], output: str) -> Any:
+    """``TrainingArguments``: sftcore's defaults, then the config's ``training`` section."""
     import torch
+    from transformers import TrainingArguments
+
+    defaults = {
+        "output_dir": str(output),
+        "bf16": torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+        "logging_steps": 1,
+        "logging_first_step": True,
+        "save_strategy": "steps",
+        "save_steps": 500,
+        "save_total_limit": 2,
+        "report_to": "none",
+        "remove_unused_columns": False,
+        "dataloader_num_workers": 0,
+        "dataloader_pin_memory": torch.cuda.is_available(),
+        # Without CUDA, accelerate sets up CPU processes (gloo) only when told to use the CPU.
+        "use_cpu": distributed.launched() and not torch.cuda.is_available(),
+    }
+    return TrainingArguments(**{**defaults, **config["training"]})
+
+
+def build_trainer(host, config, model, tokenizer, data, collator, curve, args, progress=True):
     from tqdm.auto import tqdm
-    from transformers import TrainerCallback, TrainingArguments
+    from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from sftcore.trainer import trainer_class
@@ -328,28 +369,12 @@ def build_trainer(host, config, model, tokenizer, data, collator, curve, output,
         def on_train_end(self, args, state, control, **kwargs):
             self.bar.close()
 
-    training = dict(config["training"])
-    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    arguments = {
-        "output_dir": str(output),
-        "bf16": bf16,
-        "logging_steps": 1,
-        "logging_first_step": True,
-        "save_strategy": "steps",
-        "save_steps": 500,
-        "save_total_limit": 2,
-        "report_to": "none",
-        "remove_unused_columns": False,
-        "dataloader_num_workers": 0,
-        "dataloader_pin_memory": torch.cuda.is_available(),
-        **training,
-    }
     callbacks = [RecordLoss()]
     for _plugin, contributed in host.call_each("trainer_callbacks", config=config):
         callbacks.extend(contributed)
     trainer = trainer_class()(
         model=model,
-        args=TrainingArguments(**arguments),
+        args=args,
         train_dataset=data.rows,
         data_collator=collator,
         processing_class=tokenizer,

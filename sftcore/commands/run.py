@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+
 import click
 
 from sftcore import config as cfg
+from sftcore import distributed
 from sftcore.commands.common import host_from, on_duplicate_option, stage_options
 from sftcore.registry import STAGES
 
@@ -55,16 +58,27 @@ def config_from_cli(config_file: str | None, values: dict, sets: tuple[str, ...]
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Prepared-data cache (default: $SFT_CACHE_DIR/prepared or ~/.cache/sftcore/prepared).")
 @click.option("--set", "sets", multiple=True, metavar="FIELD=VALUE", help="Any TrainingArguments field (repeatable).")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
+@click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Processes on this machine (one per GPU): reruns this command under torchrun.")
 @click.pass_context
-def command(ctx: click.Context, config_file: str | None, sets: tuple[str, ...], no_progress: bool, **values) -> None:
+def command(
+    ctx: click.Context, config_file: str | None, sets: tuple[str, ...], no_progress: bool, nproc: int, **values
+) -> None:
     """Fine-tune a causal LM so the loss falls on response tokens only.
 
     With no arguments: train a tiny model on the bundled demo set (under a minute on a CPU).
+    Under torchrun or accelerate launch it trains in every process; the main one reports.
     """
     config = config_from_cli(config_file, values, sets)
     host = host_from(ctx)
+    if nproc > 1 and not distributed.launched():
+        cfg.check(cfg.effective(config), host.registry)  # report config problems once, not per worker
+        distributed.relaunch(nproc)
+    if not distributed.is_main_process():
+        logging.getLogger("sftcore").setLevel(logging.WARNING)
     from sftcore.train import run
 
     summary = run(host, config, progress=not no_progress)
-    for line in summary.lines():
-        click.echo(line)
+    if distributed.is_main_process():
+        for line in summary.lines():
+            click.echo(line)

@@ -1,0 +1,105 @@
+"""`sft run` in several processes: torchrun, `accelerate launch`, or `sft run --nproc N`.
+
+The Hugging Face Trainer does the distributed training itself (DDP, FSDP, DeepSpeed, as the
+launcher configures it). What is left here: knowing which process this is before the Trainer
+exists, agreeing on values each process would compute differently (a timestamped output
+directory), adding up per-process counters, and relaunching under torchrun.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from sftcore.errors import UsageError
+
+# Set by torchrun, and so by `accelerate launch` and the DeepSpeed launcher, in every worker.
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
+def launched() -> bool:
+    """Whether this process is a worker of a distributed launcher."""
+    return all(name in os.environ for name in RANK_VARIABLES)
+
+
+def is_main_process() -> bool:
+    """Rank 0, or the only process: the one that writes files and prints."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _group() -> Any:
+    """torch.distributed when a process group of more than one process is up, else None."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist
+    return None
+
+
+def agreed(value: Any) -> Any:
+    """The main process's ``value`` in every process (a no-op alone)."""
+    dist = _group()
+    if dist is None:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def summed(*counts: int) -> tuple[int, ...]:
+    """Each count added up over all processes (each collates only its own batches)."""
+    dist = _group()
+    if dist is None:
+        return counts
+    import torch
+
+    # NCCL reduces CUDA tensors only; gloo takes CPU ones.
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    total = torch.tensor(counts, dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return tuple(int(x) for x in total.tolist())
+
+
+def without_nproc(argv: list[str]) -> list[str] | None:
+    """``argv`` less its ``--nproc N`` (None when it has none).
+
+    The workers must not see it: torchrun's own parser reads every ``--nproc...`` word, even
+    after the script name, as an ambiguous abbreviation of its ``--nproc-per-node``.
+    """
+    out, found, skip = [], False, False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            found = skip = True
+        elif arg.startswith("--nproc="):
+            found = True
+        else:
+            out.append(arg)
+    return out if found else None
+
+
+def relaunch_command(argv: list[str], nproc: int) -> list[str]:
+    """The command that runs ``sft <argv>`` as ``nproc`` torchrun workers on this machine.
+
+    ``--standalone`` lets torchrun pick a free port, so two runs on one machine do not clash.
+    """
+    if nproc < 1:
+        raise UsageError(f"--nproc must be at least 1, got {nproc}")
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+        "-m", "sftcore.cli", *argv,
+    ]
+
+
+def relaunch(nproc: int) -> None:
+    """Replace this process by ``nproc`` torchrun workers running the same `sft` command line."""
+    argv = without_nproc(sys.argv[1:])
+    if argv is None:
+        raise UsageError("--nproc relaunches the `sft` command line, and this process was not started from one; "
+                         "start it under torchrun or accelerate launch instead")
+    command = relaunch_command(argv, nproc)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(command[0], command)

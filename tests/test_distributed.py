@@ -1,0 +1,139 @@
+"""`sft run` in several processes: the torchrun relaunch of `--nproc`, and a 2-process CPU (gloo) run
+whose losses and weights match a 1-process run with the same global batch."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pytest
+
+from sftcore import distributed
+from sftcore.assets import DEMO_DATA
+from sftcore.errors import UsageError
+
+SFT = str(Path(sys.executable).with_name("sft"))
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["run", "--nproc", "2", "--seed", "1"], ["run", "--seed", "1"]),
+        (["-v", "run", "--nproc=4"], ["-v", "run"]),
+        (["run", "--seed", "1"], None),
+    ],
+)
+def test_without_nproc(argv, expected):
+    assert distributed.without_nproc(argv) == expected
+
+
+def run_options() -> list[click.Option]:
+    from sftcore.commands.run import command
+
+    return [p for p in command.params if isinstance(p, click.Option) and p.name != "nproc"]
+
+
+def test_torchrun_hands_every_sft_run_option_to_the_workers_untouched():
+    """torchrun's parser reads option-like words even after the script; none of ours may look like its own."""
+    from torch.distributed.run import get_args_parser
+
+    argv = ["--disable-plugin", "x", "-v", "run"]
+    for option in run_options():
+        argv += [option.opts[0]] if option.is_flag else [option.opts[0], "1"]
+    command = distributed.relaunch_command(argv, 2)
+    assert command[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    parsed = get_args_parser().parse_args(command[3:])
+    assert (parsed.module, parsed.training_script, parsed.nproc_per_node) == (True, "sftcore.cli", "2")
+    assert parsed.training_script_args == argv
+
+
+def test_relaunch_needs_an_sft_command_line(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["pytest", "-q"])
+    with pytest.raises(UsageError, match="torchrun or accelerate launch"):
+        distributed.relaunch(2)
+
+
+def test_rank_and_launch_come_from_the_launcher_environment(monkeypatch):
+    for name in distributed.RANK_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.is_main_process() and not distributed.launched()
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert distributed.launched() and not distributed.is_main_process()
+
+
+def test_alone_nothing_is_exchanged():
+    assert distributed.agreed("runs/x") == "runs/x"
+    assert distributed.summed(3, 5) == (3, 5)
+
+
+def test_the_cli_runs_as_a_module():
+    done = subprocess.run([sys.executable, "-m", "sftcore.cli", "run", "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "--nproc" in done.stdout
+
+
+def loss_curve(directory: Path) -> list[tuple[int, float]]:
+    with open(directory / "loss.csv") as handle:
+        return [(int(row["step"]), float(row["loss"])) for row in csv.DictReader(handle)]
+
+
+def counted_tokens(directory: Path) -> float:
+    """Real tokens the run's batches held, from its summary's tokens/s and the Trainer's runtime."""
+    summary = json.loads((directory / "summary.json").read_text())
+    state = json.loads((directory / "trainer_state.json").read_text())
+    runtime = next(h["train_runtime"] for h in state["log_history"] if "train_runtime" in h)
+    return summary["tokens_per_second"] * runtime
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_train_as_one_with_the_same_global_batch(tmp_path):
+    from safetensors.torch import load_file
+
+    from sftcore.assets import tiny_model
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(DEMO_DATA.read_text().splitlines(keepends=True)[:16]))
+    env = {**os.environ, "SFT_CACHE_DIR": str(tmp_path / "cache-one")}
+    common = [
+        "--model", str(tiny_model(tmp_path / "model")), "--data", str(data), "--max-steps", "4", "--lr", "1e-3",
+        "--seed", "0", "--no-progress", "--set", "lr_scheduler_type=constant", "--set", "warmup_steps=0",
+    ]
+    # Global batch 8 both ways: 4 rows x 2 accumulation steps, and 2 rows x 2 steps x 2 processes.
+    one = subprocess.run(
+        [SFT, "run", *common, "--output", str(tmp_path / "one"), "--batch-size", "4", "--grad-accum", "2"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert one.returncode == 0, one.stderr
+    # A cache of its own, so it prepares the data; transformers' debug log shows who waited for whom.
+    env.update(SFT_CACHE_DIR=str(tmp_path / "cache-two"), TRANSFORMERS_VERBOSITY="debug")
+    two = subprocess.run(
+        [sys.executable, "-m", "sftcore.cli", "run", *common, "--output", str(tmp_path / "two"),
+         "--batch-size", "2", "--grad-accum", "2", "--nproc", "2"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert two.returncode == 0, two.stderr
+
+    single, double = loss_curve(tmp_path / "one"), loss_curve(tmp_path / "two")
+    assert [s for s, _ in double] == [s for s, _ in single] == [1, 2, 3, 4]
+    for (_, a), (_, b) in zip(single, double):
+        assert b == pytest.approx(a, rel=1e-4)
+    weights = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    for name, tensor in weights[0].items():
+        assert (weights[1][name] - tensor).abs().max() < 1e-5, name
+    # Only the main process reports; it prepared and cached the data while the other waited (and
+    # then read that cache); its counters cover both processes.
+    assert two.stdout.count("saved to") == 1
+    assert two.stderr.count("tokenized and cached") == 1
+    log = two.stderr
+    assert log.index("1: waiting for the main local process to perform preparing data") < log.index(
+        "tokenized and cached") < log.index("0: main local process completed preparing data, releasing all replicas")
+    rows_seen_twice = 2 * json.loads((tmp_path / "one" / "summary.json").read_text())["tokens"]
+    assert counted_tokens(tmp_path / "one") == pytest.approx(rows_seen_twice, rel=1e-3)
+    assert counted_tokens(tmp_path / "two") == pytest.approx(rows_seen_twice, rel=1e-3)
