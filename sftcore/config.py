@@ -25,6 +25,9 @@ from __future__ import annotations
 
 import copy
 import difflib
+import enum
+import math
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -33,7 +36,7 @@ import yaml
 
 from sftcore.catalogue import load_catalogue
 from sftcore.errors import UsageError
-from sftcore.registry import STAGES, Registry, option_problems, unknown_message
+from sftcore.registry import STAGES, Registry, _accepts, _describe, option_problems, unknown_message
 
 TOP_KEYS = {"model", "data", "output", "max_length", "on_bad_row", "on_duplicate", "cache_dir", "training", *STAGES}
 # Options the host supplies itself, so a factory may require them without the user passing them.
@@ -83,7 +86,9 @@ def component(config: Mapping[str, Any], stage: str) -> tuple[str | None, dict[s
     """``(name, options)`` for a stage; the name falls back to registry.yaml's default."""
     value = config.get(stage)
     if isinstance(value, Mapping):
-        name, options = value.get("name"), dict(value.get("options") or {})
+        options = value.get("options") or {}
+        # Options that are not a mapping stay as written, for `problems` to report.
+        name, options = value.get("name"), dict(options) if isinstance(options, Mapping) else options
     else:
         name, options = value, {}
     return (name or load_catalogue().defaults.get(stage)), options
@@ -124,8 +129,9 @@ def effective(config: Mapping[str, Any]) -> dict[str, Any]:
 
         out["data"] = str(DEMO_DATA)
         out["model"] = "builtin:tiny-llama"
-    training = {**TRAINING_DEFAULTS, **(DEMO_TRAINING if demo else {}), **(out.get("training") or {})}
-    out["training"] = training
+    training = out.get("training") or {}
+    if isinstance(training, Mapping):  # anything else stays as written, for `problems` to report
+        out["training"] = {**TRAINING_DEFAULTS, **(DEMO_TRAINING if demo else {}), **training}
     out.setdefault("on_bad_row", "error")
     out.setdefault("on_duplicate", "keep")
     for stage in STAGES:
@@ -144,14 +150,17 @@ def problems(config: Mapping[str, Any], registry: Registry, *, check_files: bool
             found.append(f"unknown key '{key}'.{hint}")
     if bool(config.get("model")) != bool(config.get("data")):
         found.append("give both --model and --data (or neither, to train the bundled demo)")
+    for key in ("model", "data", "output"):
+        if config.get(key) is not None and not isinstance(config[key], str):
+            found.append(f"{key} must be a path, got {config[key]!r}")
     if check_files:
-        data = config.get("data")
+        data = config.get("data") if isinstance(config.get("data"), str) else None
         if data and not Path(data).is_file():
             found.append(f"data file not found: {data}")
-        model = config.get("model")
+        model = config.get("model") if isinstance(config.get("model"), str) else None
         if model and not str(model).startswith("builtin:") and not Path(model).is_dir():
             found.append(f"model directory not found: {model}")
-        output = config.get("output")
+        output = config.get("output") if isinstance(config.get("output"), str) else None
         if output and Path(output).exists() and not Path(output).is_dir():
             found.append(f"output must be a directory, but {output} is a file")
     max_length = config.get("max_length")
@@ -180,7 +189,11 @@ def problems(config: Mapping[str, Any], registry: Registry, *, check_files: bool
             continue
         component_ = registry.get(stage, value["name"])
         found += option_problems(component_, options, host_provided=HOST_OPTIONS.get(stage, set()))
-    found += training_problems(config.get("training") or {})
+    training = config.get("training") or {}
+    if isinstance(training, Mapping):
+        found += training_problems(training)
+    else:
+        found.append(f"training must be a mapping of TrainingArguments fields, got {type(training).__name__}")
     return found
 
 
@@ -197,13 +210,31 @@ def training_problems(training: Mapping[str, Any]) -> list[str]:
             hint = f" Did you mean '{close[0]}'?" if close else ""
             found.append(f"training: '{key}' is not a TrainingArguments field.{hint}")
             continue
-        default = fields[key].default
+        default, hint = fields[key].default, fields[key].type
+        choices = enum_values(hint)
         if isinstance(default, bool) and not isinstance(value, bool):
             found.append(f"training: '{key}' must be true or false, got {value!r}")
-        elif isinstance(default, (int, float)) and not isinstance(default, bool):
-            if not isinstance(value, (int, float)) or isinstance(value, bool):
-                found.append(f"training: '{key}' must be a number, got {value!r}")
+        elif isinstance(default, (int, float)) and not isinstance(default, bool) and (
+            not isinstance(value, (int, float)) or isinstance(value, bool)
+        ):
+            found.append(f"training: '{key}' must be a number, got {value!r}")
+        elif not _accepts(value, hint):
+            found.append(f"training: '{key}' must be {_describe(hint)}, got {value!r}")
+        elif isinstance(value, float) and not math.isfinite(value):
+            found.append(f"training: '{key}' must be a finite number, got {value!r}")
+        elif choices and isinstance(value, str) and value not in choices:
+            close = difflib.get_close_matches(value, choices, n=1)
+            listed = f"Did you mean '{close[0]}'?" if close else f"One of: {', '.join(choices)}"
+            found.append(f"training: '{key}' does not accept {value!r}. {listed}")
     return found
+
+
+def enum_values(hint: Any) -> list[str]:
+    """The values of an Enum among a field's types (``SchedulerType | str``): the strings it accepts."""
+    for arg in typing.get_args(hint) or (hint,):
+        if isinstance(arg, type) and issubclass(arg, enum.Enum):
+            return [str(member.value) for member in arg]
+    return []
 
 
 def check(config: Mapping[str, Any], registry: Registry) -> None:
