@@ -192,3 +192,26 @@ def test_the_loader_registers_varlen_when_asked_and_warns_about_fp32(tiny_checkp
     assert model.config._attn_implementation == varlen.NAME
     assert "attention: sft_varlen (asked for with attn_implementation)" in caplog.text
     assert "fp16/bf16 only" in caplog.text
+
+
+@pytest.mark.slow
+def test_sft_run_on_packed_batches_logs_the_losses_of_sdpa(monkeypatch, tmp_path, tiny_model_dir):
+    """Through the whole run: the packed collator hands sft_varlen its cu_seq_lens, sdpa its position_ids."""
+    import csv
+
+    from cli_runs import ROWS, sft, write_jsonl
+
+    data = write_jsonl(tmp_path / "rows.jsonl", ROWS * 2)
+    curves = {}
+    for attn in ("sdpa", varlen.NAME):
+        output = tmp_path / attn
+        result = sft(
+            monkeypatch, "run", "--model", tiny_model_dir, "--data", data, "--output", output, "--collator", "packed",
+            "--loader-opt", f"attn_implementation={attn}", "--max-steps", "3", "--batch-size", "4", "--lr", "1e-3",
+            "--no-progress",
+        )
+        assert result.exit_code == 0, result.output
+        with open(output / "loss.csv", newline="") as handle:
+            curves[attn] = [float(row["loss"]) for row in csv.DictReader(handle)]
+    assert len(curves["sdpa"]) == 3
+    assert curves[varlen.NAME] == pytest.approx(curves["sdpa"], rel=1e-5)
