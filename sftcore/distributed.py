@@ -93,12 +93,21 @@ def relaunch_command(argv: list[str], nproc: int) -> list[str]:
     ]
 
 
+def check_devices(nproc: int) -> None:
+    """One process per GPU: NCCL refuses two processes on one device, and only after they started."""
+    import torch
+
+    if torch.cuda.is_available() and nproc > torch.cuda.device_count():
+        raise UsageError(f"--nproc {nproc}: this machine has {torch.cuda.device_count()} GPU(s), one process each")
+
+
 def relaunch(nproc: int) -> None:
     """Replace this process by ``nproc`` torchrun workers running the same `sft` command line."""
     argv = without_nproc(sys.argv[1:])
     if argv is None:
         raise UsageError("--nproc relaunches the `sft` command line, and this process was not started from one; "
                          "start it under torchrun or accelerate launch instead")
+    check_devices(nproc)
     command = relaunch_command(argv, nproc)
     sys.stdout.flush()
     sys.stderr.flush()

@@ -58,6 +58,16 @@ def test_relaunch_needs_an_sft_command_line(monkeypatch):
         distributed.relaunch(2)
 
 
+def test_no_more_processes_than_gpus(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    distributed.check_devices(1)
+    with pytest.raises(UsageError, match="1 GPU"):
+        distributed.check_devices(2)
+
+
 def test_rank_and_launch_come_from_the_launcher_environment(monkeypatch):
     for name in distributed.RANK_VARIABLES:
         monkeypatch.delenv(name, raising=False)
