@@ -15,7 +15,7 @@ from typing import Any
 
 from sftcore import config as cfg
 from sftcore import distributed
-from sftcore.errors import SftError
+from sftcore.errors import SftError, UsageError
 from sftcore.manager import Host
 from sftcore.pipeline import Formatted, Prepared, format_rows, mask_rows, pick_reader, read_rows
 from sftcore.stats import BatchCounter, LossCurve
@@ -237,10 +237,20 @@ def builtin_model_threads(config: Mapping[str, Any]) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def run(host: Host, user_config: Mapping[str, Any], *, progress: bool = True) -> Summary:
-    """Train with the Hugging Face Trainer; save weights, tokenizer, state, config and summary."""
+def run(
+    host: Host, user_config: Mapping[str, Any], *, progress: bool = True, resume: bool = False, overwrite: bool = False
+) -> Summary:
+    """Train with the Hugging Face Trainer; save weights, tokenizer, state, config and summary.
+
+    ``resume`` continues the run in the output directory from its newest complete checkpoint;
+    ``overwrite`` replaces the run there (see `sftcore.checkpoints`).
+    """
+    from sftcore.checkpoints import check_output
+
     config = cfg.effective(user_config)
     cfg.check(config, host.registry)
+    if resume and not config.get("output"):
+        raise UsageError("--resume needs --output: the directory of the run to continue")
     started = time.perf_counter()
     progress = progress and distributed.is_main_process()  # one set of bars, not one per process
     # TrainingArguments first: under a launcher it sets up the processes, with the user's ddp_* settings.
@@ -248,11 +258,12 @@ def run(host: Host, user_config: Mapping[str, Any], *, progress: bool = True) ->
     output = Path(distributed.agreed(args.output_dir))  # each process stamps its own default name
     args.output_dir = config["output"] = str(output)
     log.info("output: %s", output)
+    checkpoint = check_output(output, config, resume=resume, overwrite=overwrite, remove=distributed.is_main_process())
     # The main process prepares and caches; the others wait for it, then read its cache.
     with args.main_process_first(desc="preparing data"):
         data = prepare_data(host, config, progress=progress)
     with transformers_bars(progress), builtin_model_threads(config):
-        return fit(host, config, data, args, started, progress)
+        return fit(host, config, data, args, started, progress, checkpoint)
 
 
 def padding_free(host: Host, config: Mapping[str, Any]) -> bool:
@@ -261,8 +272,14 @@ def padding_free(host: Host, config: Mapping[str, Any]) -> bool:
     return bool(getattr(factory, "padding_free", False))
 
 
-def fit(host: Host, config: dict[str, Any], data: Prepared, args: Any, started: float, progress: bool) -> Summary:
-    """Load the model, train on the prepared rows, save (files: the main process only)."""
+def fit(
+    host: Host, config: dict[str, Any], data: Prepared, args: Any, started: float, progress: bool,
+    checkpoint: Path | None = None,
+) -> Summary:
+    """Load the model, train on the prepared rows (from ``checkpoint`` on, if given), save (files: the main process only)."""
+    from sftcore.checkpoints import logged_losses
+    from sftcore.interrupt import MarkComplete, StopOnSignal, interrupted
+
     output = Path(args.output_dir)
     main = distributed.is_main_process()
     output.mkdir(parents=True, exist_ok=True)
@@ -280,11 +297,17 @@ def fit(host: Host, config: dict[str, Any], data: Prepared, args: Any, started: 
             attn_implementation=getattr(model.config, "_attn_implementation", None),
         )
     )
-    curve = LossCurve()
+    curve = LossCurve(logged_losses(checkpoint))  # a resumed run's curve starts where the first one began
     trainer = build_trainer(host, config, model, tokenizer, data, collator, curve, args, progress)
+    stop = StopOnSignal()
+    trainer.add_callback(MarkComplete())
+    trainer.add_callback(stop.callback())
     if main:
         cfg.dump(config, output / CONFIG_FILE)
-    result = trainer.train()
+    with stop.installed():
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    if stop.signum is not None and trainer.state.global_step < trainer.state.max_steps:
+        raise interrupted(stop.signum, output, trainer.state)
     # Every process: FSDP and DeepSpeed gather the weights for it; the main process writes.
     trainer.save_model(str(output))  # weights (safetensors) and tokenizer, no optimizer state
     trainer.save_state()

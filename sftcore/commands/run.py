@@ -58,11 +58,14 @@ def config_from_cli(config_file: str | None, values: dict, sets: tuple[str, ...]
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Prepared-data cache (default: $SFT_CACHE_DIR/prepared or ~/.cache/sftcore/prepared).")
 @click.option("--set", "sets", multiple=True, metavar="FIELD=VALUE", help="Any TrainingArguments field (repeatable).")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
+@click.option("--resume", is_flag=True, help="Continue the run in --output from its newest complete checkpoint.")
+@click.option("--overwrite", is_flag=True, help="Replace the run in --output (its checkpoints and records are removed).")
 @click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
               help="Processes on this machine (one per GPU): reruns this command under torchrun.")
 @click.pass_context
 def command(
-    ctx: click.Context, config_file: str | None, sets: tuple[str, ...], no_progress: bool, nproc: int, **values
+    ctx: click.Context, config_file: str | None, sets: tuple[str, ...], no_progress: bool, nproc: int,
+    resume: bool, overwrite: bool, **values,
 ) -> None:
     """Fine-tune a causal LM so the loss falls on response tokens only.
 
@@ -78,7 +81,7 @@ def command(
         logging.getLogger("sftcore").setLevel(logging.WARNING)
     from sftcore.train import run
 
-    summary = run(host, config, progress=not no_progress)
+    summary = run(host, config, progress=not no_progress, resume=resume, overwrite=overwrite)
     if distributed.is_main_process():
         for line in summary.lines():
             click.echo(line)

@@ -1,0 +1,105 @@
+"""Stopping a run cleanly: Ctrl-C (SIGINT) or SIGTERM saves a checkpoint, then the run exits.
+
+The signal handler only sets a flag; `StopOnSignal.callback` turns it into "save, then stop"
+at the end of the current optimizer step, so the checkpoint is a step boundary the Trainer
+can resume from exactly. A second Ctrl-C stops at once, without a checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from sftcore.checkpoints import MARKER
+from sftcore.errors import SftError
+
+log = logging.getLogger("sftcore.run")
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(SftError):
+    """The run stopped on a signal after saving a checkpoint; exits 128 + the signal number (130 for Ctrl-C)."""
+
+    def __init__(self, signum: int, message: str):
+        self.exit_code = 128 + signum
+        super().__init__(message)
+
+
+def interrupted(signum: int, output: Path, state: Any) -> Interrupted:
+    return Interrupted(
+        signum,
+        f"stopped by {signal.Signals(signum).name} at step {state.global_step} of {state.max_steps}; "
+        f"checkpoint saved in {output / f'checkpoint-{state.global_step}'}. "
+        f"To continue, run the same command with --resume",
+    )
+
+
+class StopOnSignal:
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    @contextmanager
+    def installed(self) -> Iterator[StopOnSignal]:
+        """Handle SIGINT and SIGTERM while inside; the previous handlers come back afterwards."""
+        if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+            yield self
+            return
+        self._previous = {s: signal.signal(s, self._handle) for s in SIGNALS}
+        try:
+            yield self
+        finally:
+            for s, handler in self._previous.items():
+                signal.signal(s, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            for s, handler in self._previous.items():
+                signal.signal(s, handler)
+            raise KeyboardInterrupt
+        self.signum = signum
+        log.warning(
+            "%s: saving a checkpoint after this step, then stopping (Ctrl-C again stops at once, without one)",
+            signal.Signals(signum).name,
+        )
+
+    def requested(self) -> bool:
+        """Whether any process got a signal: every process must take the same step to save together."""
+        from sftcore import distributed
+
+        return distributed.summed(int(self.signum is not None))[0] > 0
+
+    def callback(self) -> TrainerCallback:
+        stop = self
+
+        class SaveAndStop(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if stop.requested():
+                    control.should_save = True
+                    control.should_training_stop = True
+
+        return SaveAndStop()
+
+
+class MarkComplete(TrainerCallback):
+    """Writes `MARKER` into each checkpoint once the Trainer has written everything else in it."""
+
+    def on_save(self, args, state, control, **kwargs):
+        _barrier()  # every process has written its part of the checkpoint (sharded optimizer state)
+        if state.is_world_process_zero:
+            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            (checkpoint / MARKER).write_text(f"{state.global_step}\n")
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

@@ -1,0 +1,151 @@
+"""`sft run` never writes over another run: a non-empty output directory is refused unless it is
+this run's and --resume is given (same config) or --overwrite replaces it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from cli_runs import ROWS, forbid_model_loading, sft, write_jsonl
+
+from sftcore import config as cfg
+from sftcore.checkpoints import MARKER, check_output, differences
+
+ARGS = ("--max-steps", "2", "--batch-size", "2", "--lr", "1e-3", "--set", "save_steps=1", "--no-progress")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl", ROWS)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, tiny_model_dir, data):
+    """A finished two-step run with a checkpoint after each step."""
+    output = tmp_path_factory.mktemp("finished") / "out"
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        result = sft(monkeypatch, "run", "--model", tiny_model_dir, "--data", data, "--output", output, *ARGS)
+    assert result.exit_code == 0, result.output
+    assert (output / "checkpoint-2" / MARKER).is_file()
+    return output
+
+
+@pytest.fixture
+def copy_of(tmp_path, finished):
+    def copy():
+        target = tmp_path / "out"
+        shutil.copytree(finished, target)
+        return target
+
+    return copy
+
+
+def run(monkeypatch, model, data, output, *extra):
+    """`sft run` that must stop before any model loads, as every refusal here does."""
+    forbid_model_loading(monkeypatch)
+    return sft(monkeypatch, "run", "--model", model, "--data", data, "--output", output, *ARGS, *extra)
+
+
+def listing(directory):
+    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*"))
+
+
+def test_a_directory_holding_something_else_is_refused_untouched(monkeypatch, tmp_path, tiny_model_dir, data):
+    output = tmp_path / "mine"
+    output.mkdir()
+    (output / "notes.txt").write_text("keep me")
+    result = run(monkeypatch, tiny_model_dir, data, output)
+    assert result.exit_code == 2
+    assert result.stderr == (
+        f"Error: output {output} is not empty and holds no sft run; choose another --output, "
+        "or pass --overwrite to write into it\n"
+    )
+    assert listing(output) == ["notes.txt"]
+
+
+def test_the_same_run_again_points_to_resume_and_overwrite(monkeypatch, copy_of, tiny_model_dir, data):
+    output = copy_of()
+    before = listing(output)
+    result = run(monkeypatch, tiny_model_dir, data, output)
+    assert result.exit_code == 2
+    assert result.stderr == (
+        f"Error: output {output} already holds this run; pass --resume to continue it from its last checkpoint, "
+        "or --overwrite to start again\n"
+    )
+    assert listing(output) == before
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_another_config_is_refused_naming_what_differs(monkeypatch, copy_of, tiny_model_dir, data, resume):
+    output = copy_of()
+    result = run(monkeypatch, tiny_model_dir, data, output, "--seed", "5", "--template", "alpaca-output", *(["--resume"] if resume else []))
+    assert result.exit_code == 2
+    verb = "--resume needs the config it was started with" if resume else "choose another --output"
+    assert result.stderr == (
+        f"Error: output {output} holds a run with another config (template.name: 'alpaca' then, 'alpaca-output' now; "
+        f"training.seed: 42 then, 5 now); {verb}, or pass --overwrite to replace it\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("prepare", "extra", "message"),
+    [
+        ("missing", ("--resume",), "--resume: {output} holds no run to resume; leave out --resume to start one"),
+        ("no-checkpoint", ("--resume",), "--resume: {output} has no complete checkpoint to resume from; pass --overwrite to start again"),
+        ("copy", ("--resume", "--overwrite"), "--resume continues the run in the output directory, --overwrite replaces it: pass one of them"),
+    ],
+)
+def test_resume_needs_a_run_and_a_complete_checkpoint(monkeypatch, copy_of, tiny_model_dir, data, prepare, extra, message):
+    output = copy_of()
+    if prepare == "missing":
+        shutil.rmtree(output)
+    elif prepare == "no-checkpoint":
+        for checkpoint in output.glob("checkpoint-*"):
+            (checkpoint / MARKER).unlink()  # as a kill during the first save leaves it
+    result = run(monkeypatch, tiny_model_dir, data, output, *extra)
+    assert result.exit_code == 2
+    assert result.stderr == f"Error: {message.format(output=output)}\n"
+
+
+def test_resume_without_output_is_a_usage_error(monkeypatch, tiny_model_dir, data):
+    forbid_model_loading(monkeypatch)
+    result = sft(monkeypatch, "run", "--model", tiny_model_dir, "--data", data, "--resume", "--no-progress")
+    assert (result.exit_code, result.stderr) == (2, "Error: --resume needs --output: the directory of the run to continue\n")
+
+
+def test_overwrite_removes_checkpoints_and_records_and_nothing_else(tmp_path):
+    output = tmp_path / "out"
+    (output / "checkpoint-7").mkdir(parents=True)
+    (output / "checkpoint-7" / MARKER).write_text("7\n")
+    (output / "checkpoint-notes").mkdir()
+    for name in ("sft_config.yaml", "summary.json", "loss.csv", "trainer_state.json", "notes.txt", "model.safetensors"):
+        (output / name).write_text("x")
+    assert check_output(output, {}, resume=False, overwrite=True) is None
+    assert listing(output) == ["checkpoint-notes", "model.safetensors", "notes.txt"]
+    (output / "loss.csv").write_text("x")
+    assert check_output(output, {}, resume=False, overwrite=True, remove=False) is None
+    assert (output / "loss.csv").exists(), "only the main process removes"
+
+
+@pytest.mark.slow
+def test_overwrite_starts_again_in_the_same_directory(monkeypatch, copy_of, tiny_model_dir, data):
+    output = copy_of()
+    (output / "notes.txt").write_text("keep me")
+    result = sft(
+        monkeypatch, "run", "--model", tiny_model_dir, "--data", data, "--output", output, "--overwrite",
+        "--max-steps", "1", "--batch-size", "2", "--seed", "5", "--no-progress",
+    )
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-1"], "the old run's checkpoints are gone"
+    assert json.loads((output / "summary.json").read_text())["steps"] == 1
+    assert cfg.load_yaml(str(output / "sft_config.yaml"))["training"]["seed"] == 5
+    assert (output / "notes.txt").read_text() == "keep me"
+
+
+def test_what_a_resumed_run_may_change():
+    saved = {"output": "a", "max_length": 512, "training": {"seed": 1, "save_steps": 10}, "template": {"name": "alpaca"}}
+    same = {"output": "./a", "max_length": None, "cache_dir": "/tmp/c", "training": {"seed": 1, "save_steps": 5}, "template": {"name": "alpaca"}}
+    assert differences(saved, same) == []
+    changed = {**same, "max_length": 256, "training": {"seed": 2, "save_steps": 10}}
+    assert differences(saved, changed) == ["max_length: 512 then, 256 now", "training.seed: 1 then, 2 now"]

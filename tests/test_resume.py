@@ -1,0 +1,206 @@
+"""Interrupted runs: Ctrl-C saves a checkpoint and exits 130; a run killed outright, even while it
+writes a checkpoint, resumes from its newest complete checkpoint and ends exactly where an
+uninterrupted run with the same seed ends."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from cli_runs import sft, write_jsonl
+
+from sftcore import hookimpl
+from sftcore.checkpoints import MARKER, newest_complete
+
+HERE = Path(__file__).resolve().parent
+# 22 rows, 4 a batch: 6 steps an epoch (the last one short), 12 steps in all; checkpoints every 4
+# steps fall mid-epoch, so resuming has to skip the batches the first run already trained on.
+ROWS = [{"instruction": f"Count to {i}.", "output": " ".join(str(k) for k in range(i % 7 + 1))} for i in range(22)]
+STEPS, SAVE_STEPS = 12, 4
+TOLERANCE = 1e-5
+
+
+def run_args(model, data) -> list[str]:
+    return [
+        "run", "--model", str(model), "--data", str(data), "--batch-size", "4", "--epochs", "2", "--lr", "1e-3",
+        "--seed", "7", "--max-length", "96", "--set", f"save_steps={SAVE_STEPS}", "--no-progress",
+    ]
+
+
+def losses(output: Path) -> list[tuple[int, float]]:
+    with open(output / "loss.csv", newline="") as handle:
+        return [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(handle)]
+
+
+def assert_same_run(resumed: Path, reference: Path, resumed_from: int) -> None:
+    """Same steps, the same loss at every step (after the resume point too), the same final weights."""
+    from safetensors.torch import load_file
+
+    got, want = losses(resumed), losses(reference)
+    assert [s for s, _ in got] == [s for s, _ in want] == list(range(1, STEPS + 1))
+    after = [(g, w) for (s, g), (_, w) in zip(got, want) if s > resumed_from]
+    assert len(after) == STEPS - resumed_from
+    for g, w in after:
+        assert abs(g - w) <= TOLERANCE * max(1.0, abs(w)), (got, want)
+    assert json.loads((resumed / "summary.json").read_text())["steps"] == STEPS
+    final, expected = load_file(resumed / "model.safetensors"), load_file(reference / "model.safetensors")
+    assert final.keys() == expected.keys()
+    for name in expected:
+        assert (final[name] - expected[name]).abs().max().item() <= TOLERANCE, name
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl", ROWS)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_model_dir, data):
+    """The uninterrupted run every interrupted one must end up equal to."""
+    output = tmp_path_factory.mktemp("reference") / "out"
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        result = sft(monkeypatch, *run_args(tiny_model_dir, data), "--output", output)
+    assert result.exit_code == 0, result.output
+    return output
+
+
+def sft_process(args: list[str], tmp_path: Path, **env: str) -> subprocess.Popen:
+    variables = {**os.environ, "SFT_CACHE_DIR": str(tmp_path / "cache"), **env}
+    for var in ("SFT_DISABLE_PLUGINS", "SFT_STRICT_PLUGINS"):
+        variables.pop(var, None)
+    return subprocess.Popen(
+        [sys.executable, str(HERE / "sft_process.py"), *args], env=variables,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def resume(monkeypatch, model, data, output):
+    result = sft(monkeypatch, *run_args(model, data), "--output", output, "--resume")
+    assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(monkeypatch, caplog, tmp_path, tiny_model_dir, data, reference):
+    output = tmp_path / "out"
+    process = sft_process([*run_args(tiny_model_dir, data), "--output", str(output)], tmp_path, SFT_TEST_STEP_SECONDS="0.3")
+    first = output / f"checkpoint-{SAVE_STEPS}" / MARKER
+    deadline = time.monotonic() + 300
+    while not first.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == -signal.SIGKILL, stderr[-3000:]
+    assert first.exists() and not (output / "model.safetensors").exists(), "killed before the end"
+
+    checkpoint, _ = newest_complete(output)
+    resumed_from = int(checkpoint.name.split("-")[1])
+    assert resumed_from < STEPS
+    with caplog.at_level(logging.INFO, logger="sftcore"):
+        resume(monkeypatch, tiny_model_dir, data, output)
+    assert f"resuming from {checkpoint}" in caplog.messages
+    assert_same_run(output, reference, resumed_from)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_killed_while_written_is_never_resumed(monkeypatch, caplog, tmp_path, tiny_model_dir, data, reference):
+    output = tmp_path / "out"
+    dying = 2 * SAVE_STEPS
+    process = sft_process([*run_args(tiny_model_dir, data), "--output", str(output)], tmp_path, SFT_TEST_DIE_SAVING=str(dying))
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode == -signal.SIGKILL, stderr[-3000:]
+    partial = output / f"checkpoint-{dying}"
+    assert (partial / "model.safetensors").exists() and (partial / "optimizer.pt").exists()
+    assert not (partial / MARKER).exists()
+    with pytest.raises(json.JSONDecodeError):
+        json.loads((partial / "trainer_state.json").read_text())  # what resuming from it would have read
+
+    with caplog.at_level(logging.INFO, logger="sftcore"):
+        resume(monkeypatch, tiny_model_dir, data, output)
+    assert f"ignoring {partial}: it was not completely written (the run stopped while saving it)" in caplog.messages
+    assert f"resuming from {output / f'checkpoint-{SAVE_STEPS}'}" in caplog.messages
+    assert_same_run(output, reference, SAVE_STEPS)
+
+
+class CtrlC:
+    """Sends this process SIGINT at the end of step ``at``, ``times`` times: as if the user pressed Ctrl-C."""
+
+    def __init__(self, at: int, times: int = 1) -> None:
+        self.at, self.times = at, times
+
+    @hookimpl
+    def trainer_callbacks(self, config):
+        from transformers import TrainerCallback
+
+        plugin = self
+
+        class Press(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if state.global_step == plugin.at:
+                    for _ in range(plugin.times):
+                        os.kill(os.getpid(), signal.SIGINT)
+
+        return [Press()]
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_a_checkpoint_exits_130_and_resumes_exactly(monkeypatch, caplog, tmp_path, tiny_model_dir, data, reference):
+    output = tmp_path / "out"
+    stopped_at = 5  # between two scheduled checkpoints
+    with caplog.at_level(logging.INFO, logger="sftcore"):
+        result = sft(monkeypatch, *run_args(tiny_model_dir, data), "--output", output, extra={"ctrl_c": CtrlC(stopped_at)})
+    assert result.exit_code == 130
+    assert result.stderr.splitlines()[-1] == (
+        f"Error: stopped by SIGINT at step {stopped_at} of {STEPS}; checkpoint saved in {output / f'checkpoint-{stopped_at}'}. "
+        "To continue, run the same command with --resume"
+    )
+    assert "SIGINT: saving a checkpoint after this step, then stopping (Ctrl-C again stops at once, without one)" in caplog.messages
+    checkpoint = output / f"checkpoint-{stopped_at}"
+    for name in (MARKER, "trainer_state.json", "model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth"):
+        assert (checkpoint / name).is_file(), name
+    assert not (output / "model.safetensors").exists() and not (output / "summary.json").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "the previous handler is back"
+
+    resume(monkeypatch, tiny_model_dir, data, output)
+    assert_same_run(output, reference, stopped_at)
+
+
+def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(monkeypatch, tmp_path, tiny_model_dir, data):
+    output = tmp_path / "out"
+    result = sft(
+        monkeypatch, *run_args(tiny_model_dir, data), "--output", output, "--max-steps", "3",
+        extra={"ctrl_c": CtrlC(at=2, times=2)},
+    )
+    assert result.exit_code == 130
+    assert result.stderr.splitlines()[-1] == "Interrupted."
+    assert not list(output.glob("checkpoint-*"))
+
+
+def fake_checkpoint(output: Path, step: int, complete: bool) -> Path:
+    path = output / f"checkpoint-{step}"
+    path.mkdir(parents=True)
+    (path / "trainer_state.json").write_text("{}")
+    if complete:
+        (path / MARKER).write_text(f"{step}\n")
+    return path
+
+
+def test_newest_complete_checkpoint_skips_unfinished_ones(tmp_path):
+    assert newest_complete(tmp_path / "missing") == (None, [])
+    fake_checkpoint(tmp_path, 9, complete=True)
+    ten = fake_checkpoint(tmp_path, 10, complete=True)
+    twenty = fake_checkpoint(tmp_path, 20, complete=False)
+    hundred = fake_checkpoint(tmp_path, 100, complete=False)  # numeric order, not text order
+    (tmp_path / "checkpoint-x").mkdir()
+    (tmp_path / "checkpoint-30").write_text("a file")
+    assert newest_complete(tmp_path) == (ten, [hundred, twenty])
+    (ten / "trainer_state.json").unlink()  # a marker without the state it vouches for does not count
+    assert newest_complete(tmp_path)[0] == tmp_path / "checkpoint-9"
