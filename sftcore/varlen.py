@@ -72,10 +72,17 @@ class Segments:
 _last: tuple[tuple[Any, ...], Segments] | None = None
 
 
+def _same(a: Any, b: Any) -> bool:
+    """Tensors by identity (the cached ones are held, so an id is never reused), the rest by value."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return a is b
+    return a == b
+
+
 def boundaries(query: Any, attention_mask: Any, position_ids: Any, cu_seq_lens: Any, longest: Any) -> Segments:
     global _last
     key = (attention_mask, position_ids, cu_seq_lens, query.shape[0], query.shape[2], query.device)
-    if _last is not None and all(a is b or (not hasattr(a, "shape") and a == b) for a, b in zip(_last[0], key)):
+    if _last is not None and all(_same(a, b) for a, b in zip(_last[0], key)):
         return _last[1]
     found = _find_segments(query, attention_mask, position_ids, cu_seq_lens, longest)
     _last = (key, found)

@@ -125,6 +125,15 @@ def test_boundaries_found_from_positions_and_padding():
     assert found.cu.tolist() == [0, 2, 4, 6, 9] and found.longest == 3
 
 
+def test_boundaries_are_found_once_per_batch_not_once_per_layer():
+    query = torch.empty(1, 1, 6, 1)
+    first = torch.tensor([[0, 1, 2, 0, 1, 2]])
+    found = varlen.boundaries(query, None, first, None, None)
+    assert varlen.boundaries(query, None, first, None, None) is found  # the next layer, same tensors
+    other = torch.tensor([[0, 1, 0, 1, 2, 3]])  # the next batch, same shape
+    assert varlen.boundaries(query, None, other, None, None).cu.tolist() == [0, 2, 6]
+
+
 def kernel_standins(calls):
     """The two published ``varlen_attn`` signatures, computing with the reference path."""
 
