@@ -56,8 +56,8 @@ def _parse(text: str) -> tuple[Any, str | None, int | None]:
         return None, f"invalid JSON: {exc.msg} (column {exc.colno})", exc.lineno
     except RecursionError:
         return None, "invalid JSON: nested too deeply", None
-    except ValueError as exc:  # an integer of more than 4300 digits
-        return None, f"invalid JSON: {exc}", None
+    except ValueError as exc:  # an integer of more than 4300 digits; Python's advice after ';' is not for users
+        return None, f"invalid JSON: {str(exc).split(';')[0]}", None
 
 
 def _has_surrogate(value: Any) -> bool:

@@ -133,8 +133,8 @@ def test_a_checkpoint_killed_while_written_is_never_resumed(monkeypatch, caplog,
 class CtrlC:
     """Sends this process SIGINT at the end of step ``at``, ``times`` times: as if the user pressed Ctrl-C."""
 
-    def __init__(self, at: int, times: int = 1) -> None:
-        self.at, self.times = at, times
+    def __init__(self, at: int, times: int = 1, signum: int = signal.SIGINT) -> None:
+        self.at, self.times, self.signum = at, times, signum
 
     @hookimpl
     def trainer_callbacks(self, config):
@@ -146,7 +146,7 @@ class CtrlC:
             def on_step_end(self, args, state, control, **kwargs):
                 if state.global_step == plugin.at:
                     for _ in range(plugin.times):
-                        os.kill(os.getpid(), signal.SIGINT)
+                        os.kill(os.getpid(), plugin.signum)
 
         return [Press()]
 
@@ -182,6 +182,18 @@ def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(monkeypatch, tmp_pat
     assert result.exit_code == 130
     assert result.stderr.splitlines()[-1] == "Interrupted."
     assert not list(output.glob("checkpoint-*"))
+
+
+def test_sigterm_also_saves_and_exits_143(monkeypatch, tmp_path, tiny_model_dir, data):
+    """What a cluster scheduler sends before it kills a job."""
+    output = tmp_path / "out"
+    result = sft(
+        monkeypatch, *run_args(tiny_model_dir, data), "--output", output, "--max-steps", "3",
+        extra={"ctrl_c": CtrlC(at=2, signum=signal.SIGTERM)},
+    )
+    assert result.exit_code == 143
+    assert result.stderr.splitlines()[-1].startswith("Error: stopped by SIGTERM at step 2 of 3; checkpoint saved in")
+    assert newest_complete(output) == (output / "checkpoint-2", [])
 
 
 def fake_checkpoint(output: Path, step: int, complete: bool) -> Path:
