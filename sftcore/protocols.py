@@ -61,7 +61,9 @@ class Collator(Protocol):
 
         Must contain ``input_ids`` and ``labels``; padding positions carry label -100. A
         collator may define ``batch_sampler(lengths, batch_size, seed) -> Iterable[list[int]]``
-        to decide which rows share a batch (length grouping, packing to a token budget).
+        to decide which rows share a batch (length grouping, packing to a token budget). The
+        host draws the batches once per epoch with ``seed + epoch``, shuffles their order and
+        gives each process its share; their number must not depend on the seed.
         A collator class whose batches hold no padding (examples told apart by ``position_ids``
         restarting at 0) sets ``padding_free = True``; the host then passes ``packing=True`` to
         a loader that accepts it, so it can pick a varlen attention kernel.
