@@ -32,7 +32,8 @@ class EpochBatches:
     ) -> None:
         if rank is None or world_size is None:
             rank, world_size = distributed_rank()
-        self.make, self.lengths, self.batch_size, self.seed = make, list(lengths), batch_size, seed
+        # Not `batch_size`: accelerate's shard wrapper would then hold back every batch of another size.
+        self.make, self.lengths, self.rows_per_batch, self.seed = make, list(lengths), batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
         self._total = len(self._draw(0))
@@ -41,7 +42,7 @@ class EpochBatches:
         self.epoch = epoch
 
     def _draw(self, epoch: int) -> list[list[int]]:
-        return [list(batch) for batch in self.make(self.lengths, self.batch_size, self.seed + epoch)]
+        return [list(batch) for batch in self.make(self.lengths, self.rows_per_batch, self.seed + epoch)]
 
     def __len__(self) -> int:
         return math.ceil(self._total / self.world_size)
@@ -73,6 +74,13 @@ def row_lengths(dataset: Sequence[Any]) -> list[int]:
     return list(lengths) if lengths is not None else [len(row["input_ids"]) for row in dataset]
 
 
+def keep_own_sharding(loader: Any, sampler: EpochBatches) -> None:
+    """Undo accelerate's sharding of ``sampler`` across processes: it already took this rank's share."""
+    shard = getattr(loader, "batch_sampler", None)
+    if shard is not sampler and getattr(shard, "batch_sampler", None) is sampler:
+        shard.num_processes, shard.process_index = 1, 0
+
+
 def trainer_class() -> type:
     """The Trainer subclass `sft run` uses (built on first use: importing transformers is slow)."""
     from torch.utils.data import DataLoader
@@ -93,10 +101,7 @@ def trainer_class() -> type:
                 persistent_workers=self.args.dataloader_persistent_workers and self.args.dataloader_num_workers > 0,
             )
             prepared = self.accelerator.prepare(loader)
-            # accelerate shards a batch sampler across processes; ours already took this rank's share.
-            shard = getattr(prepared, "batch_sampler", None)
-            if shard is not sampler and getattr(shard, "batch_sampler", None) is sampler:
-                shard.num_processes, shard.process_index = 1, 0
+            keep_own_sharding(prepared, sampler)
             return prepared
 
     return SftTrainer

@@ -124,6 +124,25 @@ def test_epoch_batches_give_each_rank_its_own_equal_share():
     assert len(set(drawn)) == total, "together the ranks draw every bin; only the last few repeat"
 
 
+def test_accelerate_passes_our_rank_share_through_unchanged():
+    """Under several processes accelerate wraps the batch sampler to shard it again; undone, every
+    packed bin (of any number of rows) comes through as the sampler drew it."""
+    from types import SimpleNamespace
+
+    from accelerate.data_loader import BatchSamplerShard
+
+    from sftcore.trainer import keep_own_sharding
+
+    lengths = [random.Random(i).randint(3, 40) for i in range(50)]
+    sampler = EpochBatches(PackedCollator(max_tokens_per_batch=64).batch_sampler, lengths, 4, seed=0, rank=1, world_size=2)
+    shard = BatchSamplerShard(sampler, num_processes=2, process_index=1)
+    keep_own_sharding(SimpleNamespace(batch_sampler=shard), sampler)
+    sampler.set_epoch(0)
+    expected = list(sampler)
+    sampler.set_epoch(0)
+    assert list(shard) == expected and len(shard) == len(sampler) == len(expected)
+
+
 def test_epoch_batches_read_the_rank_from_torch_distributed(monkeypatch):
     import torch.distributed as dist
 
