@@ -118,6 +118,11 @@ def check_output(output: Path, config: Mapping[str, Any], *, resume: bool, overw
             f"output {output} already holds this run; pass --resume to continue it from its last checkpoint, "
             f"or --overwrite to start again"
         )
+    if (config.get("training") or {}).get("save_only_model"):
+        raise UsageError(
+            f"--resume: {output} was trained with save_only_model, so its checkpoints hold no optimizer, "
+            f"scheduler or RNG state to continue from; pass --overwrite to start again"
+        )
     checkpoint, ignored = newest_complete(output)
     for path in ignored:
         log.warning("ignoring %s: it was not completely written (the run stopped while saving it)", path)

@@ -11,6 +11,7 @@ from cli_runs import ROWS, forbid_model_loading, sft, write_jsonl
 
 from sftcore import config as cfg
 from sftcore.checkpoints import MARKER, check_output, differences
+from sftcore.errors import UsageError
 
 ARGS = ("--max-steps", "2", "--batch-size", "2", "--lr", "1e-3", "--set", "save_steps=1", "--no-progress")
 
@@ -149,3 +150,18 @@ def test_what_a_resumed_run_may_change():
     assert differences(saved, same) == []
     changed = {**same, "max_length": 256, "training": {"seed": 2, "save_steps": 10}}
     assert differences(saved, changed) == ["max_length: 512 then, 256 now", "training.seed: 1 then, 2 now"]
+
+
+def test_resume_refuses_checkpoints_without_optimizer_state(tmp_path):
+    """save_only_model checkpoints would resume with a fresh optimizer and schedule: not the same run."""
+    config = {"model": "m", "data": "d.jsonl", "training": {"seed": 1, "save_only_model": True}}
+    output = tmp_path / "out"
+    (output / "checkpoint-2").mkdir(parents=True)
+    (output / "checkpoint-2" / MARKER).write_text("2\n")
+    (output / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    cfg.dump(config, output / "sft_config.yaml")
+    with pytest.raises(UsageError, match="trained with save_only_model, so its checkpoints hold no optimizer"):
+        check_output(output, config, resume=True, overwrite=False)
+    config["training"]["save_only_model"] = False
+    cfg.dump(config, output / "sft_config.yaml")
+    assert check_output(output, config, resume=True, overwrite=False) == output / "checkpoint-2"

@@ -91,7 +91,7 @@ def resume(monkeypatch, model, data, output):
 @pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(monkeypatch, caplog, tmp_path, tiny_model_dir, data, reference):
     output = tmp_path / "out"
-    process = sft_process([*run_args(tiny_model_dir, data), "--output", str(output)], tmp_path, SFT_TEST_STEP_SECONDS="0.3")
+    process = sft_process([*run_args(tiny_model_dir, data), "--output", str(output)], tmp_path, SFT_TEST_STEP_SECONDS="0.15")
     first = output / f"checkpoint-{SAVE_STEPS}" / MARKER
     deadline = time.monotonic() + 300
     while not first.exists() and process.poll() is None and time.monotonic() < deadline:

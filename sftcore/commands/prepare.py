@@ -29,8 +29,8 @@ def command(ctx: click.Context, config_file, tokenizer_path, workers, no_progres
     """Tokenize and mask a data file once; `sft run` with the same data, tokenizer, components and
     options then loads the result instead of tokenizing again.
 
-    Give `sft run` the same --max-length and --on-bad-row (or the same --config): they are part
-    of what the cache entry is for.
+    Give `sft run` the same --max-length, --on-bad-row and --on-duplicate (or the same
+    --config): they are part of what the cache entry is for.
     """
     from sftcore.train import prepare_data, reasons
 
