@@ -197,7 +197,7 @@ def check_masked(result: Mapping[str, Any], max_length: int, row: int) -> None:
         raise UsageError(f"{where}: {len(ids)} input_ids but {len(labels)} labels")
     if len(ids) > max_length:
         raise UsageError(f"{where}: {len(ids)} tokens exceed max_length {max_length}")
-    if all(label == IGNORE_INDEX for label in labels):
+    if list(labels).count(IGNORE_INDEX) == len(labels):  # all ignored; counted in C, not a Python loop
         raise UsageError(f"{where} has no supervised token; a masker must raise RowDropped instead")
 
 
