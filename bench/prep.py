@@ -160,6 +160,8 @@ def main() -> None:
         config = cfg.effective({"model": str(tok_dir), "data": str(data), "max_length": args.max_length, "cache_dir": str(tmp / "cache")})
 
         ref, ref_s = timed(lambda: reference(data, tokenizer))
+        ref_tokens = sum(len(x) for x in ref["input_ids"])
+        del ref  # 100K tensors: not to be carried into sftcore's runs (nor into forked workers)
         profiler = cProfile.Profile() if args.profile else None
         if profiler:
             profiler.enable()
@@ -172,7 +174,7 @@ def main() -> None:
     n = args.rows
     print(f"rows: {n} ({'unique' if args.unique else 'the sample repeated'}), tokenizer: {args.tokenizer} "
           f"(vocab {len(tokenizer)}), max_length {args.max_length}, workers {args.workers}")
-    print(f"tokens: reference {sum(len(x) for x in ref['input_ids'])}, sftcore {cold.tokens} "
+    print(f"tokens: reference {ref_tokens}, sftcore {cold.tokens} "
           f"({cold.supervised_tokens} supervised)")
     print(f"{'reference (Stanford Alpaca preprocess)':40s} {ref_s:8.2f} s {n / ref_s:12,.0f} rows/s")
     print(f"{'sftcore cold (batched)':40s} {cold_s:8.2f} s {n / cold_s:12,.0f} rows/s  {ref_s / cold_s:6.1f}x")

@@ -5,9 +5,11 @@ Nothing here knows a component by name: the template, masker and reader come in 
 
 from __future__ import annotations
 
+import gc
 import hashlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -78,6 +80,24 @@ def read_rows(reader: Any, path: str) -> Iterator[tuple[int, Mapping[str, Any] |
     yield from reader.read(path)
 
 
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off inside (as a decorator: during each call).
+
+    Reading and masking make millions of lists and dicts, and each collection walks every live
+    container: on 50K Alpaca rows that was a quarter of the tokenizing time. Rows hold no
+    reference cycles; anything else is collected once the collector is back on.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+@gc_paused()
 def format_rows(
     template: Any,
     rows: Iterable[tuple[int, Mapping[str, Any] | DataError]],
@@ -140,6 +160,7 @@ def is_new(
     return True
 
 
+@gc_paused()
 def mask_rows(
     masker: Any,
     items: Sequence[Formatted],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -28,8 +29,14 @@ def map_in_order(
 def _pooled(function: Callable[..., Any], batches: Iterable[tuple[Any, ...]], shared: tuple[Any, ...], workers: int) -> Iterator[Any]:
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    with context.Pool(workers, initializer=_init, initargs=(function, shared)) as pool:
-        yield from pool.imap(_call, batches)
+    # A forked worker's garbage collector would walk, and so copy, every page of the parent's
+    # heap; frozen objects are left alone.
+    gc.freeze()
+    try:
+        with context.Pool(workers, initializer=_init, initargs=(function, shared)) as pool:
+            yield from pool.imap(_call, batches)
+    finally:
+        gc.unfreeze()
 
 
 def _init(function: Callable[..., Any], shared: tuple[Any, ...]) -> None:
