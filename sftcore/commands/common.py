@@ -35,3 +35,38 @@ def stage_options(function):
         )(function)
         function = click.option(f"--{stage}", f"{stage}_name", metavar="NAME", help=f"{stage.capitalize()} component by name.")(function)
     return function
+
+
+max_length_option = click.option(
+    "--max-length", type=int, help="Maximum tokens per example (default: the model's, capped at 2048)."
+)
+on_bad_row_option = click.option(
+    "--on-bad-row", type=click.Choice(["error", "skip"]), help="Stop at a bad data row, or skip and count it."
+)
+cache_dir_option = click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False),
+    help="Prepared-data cache (default: $SFT_CACHE_DIR/prepared or ~/.cache/sftcore/prepared).",
+)
+
+
+def data_options(config_help: str):
+    """What decides the masked rows without training them: `sft preview` and `sft prepare`."""
+
+    def decorate(function):
+        for option in reversed(
+            [
+                click.option("--data", type=click.Path(), help="Data file (default: the config's; none at all: the demo set)."),
+                click.option("--model", type=click.Path(), help="Checkpoint directory (only its tokenizer and config are read)."),
+                click.option("--tokenizer", "tokenizer_path", type=click.Path(), help="Tokenizer directory, instead of --model."),
+                click.option("--config", "config_file", type=click.Path(), help=config_help),
+                stage_options,
+                max_length_option,
+                on_bad_row_option,
+                on_duplicate_option,
+            ]
+        ):
+            function = option(function)
+        return function
+
+    return decorate

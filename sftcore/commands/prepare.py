@@ -7,21 +7,14 @@ import time
 import click
 
 from sftcore import config as cfg
-from sftcore.commands.common import host_from, on_duplicate_option, stage_options
+from sftcore.commands.common import cache_dir_option, data_options, host_from
 from sftcore.commands.run import config_from_cli
 from sftcore.errors import UsageError
 
 
 @click.command("prepare")
-@click.option("--data", type=click.Path(), help="Data file (default: the config's; none at all: the demo set).")
-@click.option("--model", type=click.Path(), help="Checkpoint directory (only its tokenizer and config are read).")
-@click.option("--tokenizer", "tokenizer_path", type=click.Path(), help="Tokenizer directory, instead of --model.")
-@click.option("--config", "config_file", type=click.Path(), help="Run config: prepare exactly what `sft run --config` trains on.")
-@stage_options
-@click.option("--max-length", type=int, help="Maximum tokens per example (default: the model's, capped at 2048).")
-@click.option("--on-bad-row", type=click.Choice(["error", "skip"]), help="Stop at a bad data row, or skip and count it.")
-@on_duplicate_option
-@click.option("--cache-dir", type=click.Path(file_okay=False), help="Prepared-data cache (default: $SFT_CACHE_DIR/prepared or ~/.cache/sftcore/prepared).")
+@data_options("Run config: prepare exactly what `sft run --config` trains on.")
+@cache_dir_option
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Tokenizing processes.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.pass_context

@@ -9,7 +9,7 @@ import click
 
 from sftcore import IGNORE_INDEX
 from sftcore import config as cfg
-from sftcore.commands.common import host_from, on_duplicate_option, stage_options
+from sftcore.commands.common import data_options, host_from
 from sftcore.commands.run import config_from_cli
 from sftcore.errors import UsageError
 
@@ -27,14 +27,7 @@ def spans(tokenizer, ids: list[int], labels: list[int]) -> list[tuple[bool, str]
 
 
 @click.command("preview")
-@click.option("--data", type=click.Path(), help="Data file to preview (default: the config's; none at all: the demo set).")
-@click.option("--model", type=click.Path(), help="Checkpoint directory (only its tokenizer and config are read).")
-@click.option("--tokenizer", "tokenizer_path", type=click.Path(), help="Tokenizer directory, instead of --model.")
-@click.option("--config", "config_file", type=click.Path(), help="Run config (e.g. a run's sft_config.yaml).")
-@stage_options
-@click.option("--max-length", type=int, help="Maximum tokens per example (default: the model's, capped at 2048).")
-@click.option("--on-bad-row", type=click.Choice(["error", "skip"]), help="Stop at a bad data row, or skip it.")
-@on_duplicate_option
+@data_options("Run config (e.g. a run's sft_config.yaml).")
 @click.option("-n", "limit", type=int, help="Show only the first N rows.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per row: prompt, response, input_ids, labels.")
 @click.pass_context

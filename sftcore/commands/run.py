@@ -8,7 +8,14 @@ import click
 
 from sftcore import config as cfg
 from sftcore import distributed
-from sftcore.commands.common import host_from, on_duplicate_option, stage_options
+from sftcore.commands.common import (
+    cache_dir_option,
+    host_from,
+    max_length_option,
+    on_bad_row_option,
+    on_duplicate_option,
+    stage_options,
+)
 from sftcore.registry import STAGES
 
 FLAG_TO_TRAINING = {
@@ -46,16 +53,16 @@ def config_from_cli(config_file: str | None, values: dict, sets: tuple[str, ...]
 @click.option("--output", type=click.Path(), help="Output directory (default: sft-runs/<name>-<time>).")
 @click.option("--config", "config_file", type=click.Path(), help="YAML run config; flags override it.")
 @stage_options
-@click.option("--max-length", type=int, help="Maximum tokens per example (default: the model's, capped at 2048).")
+@max_length_option
 @click.option("--epochs", type=float, help="Training epochs.")
 @click.option("--lr", type=float, help="Peak learning rate.")
 @click.option("--batch-size", type=int, help="Rows per device per step.")
 @click.option("--grad-accum", type=int, help="Gradient accumulation steps.")
 @click.option("--seed", type=int, help="Random seed.")
 @click.option("--max-steps", type=int, help="Stop after this many optimizer steps.")
-@click.option("--on-bad-row", type=click.Choice(["error", "skip"]), help="Stop at a bad data row, or skip and count it.")
+@on_bad_row_option
 @on_duplicate_option
-@click.option("--cache-dir", type=click.Path(file_okay=False), help="Prepared-data cache (default: $SFT_CACHE_DIR/prepared or ~/.cache/sftcore/prepared).")
+@cache_dir_option
 @click.option("--set", "sets", multiple=True, metavar="FIELD=VALUE", help="Any TrainingArguments field (repeatable).")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @click.option("--resume", is_flag=True, help="Continue the run in --output from its newest complete checkpoint.")
