@@ -14,7 +14,6 @@ import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
-from types import ModuleType
 from typing import Any
 
 import pluggy
@@ -185,7 +184,3 @@ def metadata_version(dist: str) -> str:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
         return sftcore.__version__
-
-
-def builtin_module(name: str) -> ModuleType:
-    return importlib.import_module(load_catalogue().plugins[name])

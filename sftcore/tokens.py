@@ -127,6 +127,7 @@ def clip_text(tokenizer: Any, text: str, max_length: int, keep: str = "head") ->
         return text
     return text[:limit] if keep == "head" else text[-limit:]
 
+
 def eos_id(tokenizer: Any) -> int:
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is None:
