@@ -33,12 +33,18 @@ def rows() -> list[dict[str, str]]:
         out.append({"instruction": f"How many letters are in the word '{word}'?", "input": "", "output": f"'{word}' has {len(word)} letters."})
     for one, many in PLURALS:
         out.append({"instruction": "Give the plural of this noun.", "input": one, "output": many})
-    for _ in range(40):
+    sums: set[tuple[int, int]] = set()
+    while len(sums) < 40:  # no row twice: the demo shows a summary without duplicates
         x, y = rng.randint(2, 40), rng.randint(2, 40)
-        out.append({"instruction": f"What is {x} plus {y}?", "input": "", "output": f"{x} plus {y} is {x + y}."})
-    for _ in range(15):
-        items = rng.sample(WORDS, 3)
-        out.append({"instruction": "Sort these words alphabetically.", "input": ", ".join(items), "output": ", ".join(sorted(items))})
+        if (x, y) not in sums:
+            sums.add((x, y))
+            out.append({"instruction": f"What is {x} plus {y}?", "input": "", "output": f"{x} plus {y} is {x + y}."})
+    sorts: set[tuple[str, ...]] = set()
+    while len(sorts) < 15:
+        items = tuple(rng.sample(WORDS, 3))
+        if items not in sorts:
+            sorts.add(items)
+            out.append({"instruction": "Sort these words alphabetically.", "input": ", ".join(items), "output": ", ".join(sorted(items))})
     return out
 
 

@@ -273,7 +273,7 @@ def test_sft_run_with_the_packed_collator(monkeypatch, tmp_path, tiny_model_dir,
     output = tmp_path / "out"
     result = sft(
         monkeypatch, "run", "--model", tiny_model_dir, "--data", data, "--output", output, "--collator", "packed",
-        "--collator-opt", "max_tokens_per_batch=256", "--epochs", 2, "--batch-size", 4, "--no-progress",
+        "--collator-opt", "max_tokens_per_batch=256", "--epochs", 2, "--batch-size", 4, "--lr", 3e-3, "--no-progress",
     )
     assert result.exit_code == 0, result.output
     summary = json.loads((output / "summary.json").read_text())

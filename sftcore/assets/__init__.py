@@ -22,11 +22,21 @@ def cache_dir() -> Path:
     return Path(root)
 
 
+def assets_digest() -> str:
+    """A short hash of the tiny model's shipped files: a cached checkpoint made from older ones is not reused."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        digest.update((TINY_LLAMA / name).read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def tiny_model(dest: str | os.PathLike | None = None, seed: int = 0) -> Path:
     """A checkpoint directory of the tiny Llama with random weights (made once, then reused)."""
     from sftcore import __version__
 
-    target = Path(dest) if dest else cache_dir() / f"tiny-llama-{__version__}-seed{seed}"
+    target = Path(dest) if dest else cache_dir() / f"tiny-llama-{__version__}-{assets_digest()}-seed{seed}"
     if (target / "model.safetensors").exists():
         return target
     import torch
