@@ -220,21 +220,3 @@ def check_masked(result: Mapping[str, Any], max_length: int, row: int) -> None:
         raise UsageError(f"{where}: {len(ids)} tokens exceed max_length {max_length}")
     if list(labels).count(IGNORE_INDEX) == len(labels):  # all ignored; counted in C, not a Python loop
         raise UsageError(f"{where} has no supervised token; a masker must raise RowDropped instead")
-
-
-def prepare(
-    *,
-    reader: Any,
-    template: Any,
-    masker: Any,
-    tokenizer: Any,
-    path: str,
-    max_length: int,
-    on_bad_row: OnBadRow = "error",
-    progress: Callable[[int], None] | None = None,
-    on_duplicate: OnDuplicate = "keep",
-) -> Prepared:
-    prepared = Prepared()
-    items = format_rows(template, read_rows(reader, path), path, on_bad_row, prepared, on_duplicate)
-    mask_rows(masker, items, tokenizer, max_length, prepared, progress)
-    return prepared

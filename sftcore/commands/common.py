@@ -70,3 +70,24 @@ def data_options(config_help: str):
         return function
 
     return decorate
+
+
+def data_config(ctx: click.Context, config_file: str | None, tokenizer_path: str | None, values: dict) -> tuple[Host, dict]:
+    """The host and the effective config of a command that prepares data but does not train.
+
+    ``--tokenizer`` stands in for ``--model``; training settings are dropped; every problem in
+    what is left stops the command before anything loads.
+    """
+    from sftcore import config as cfg
+    from sftcore.commands.run import config_from_cli
+    from sftcore.errors import UsageError
+
+    if tokenizer_path:
+        values["model"] = tokenizer_path
+    config = cfg.effective(config_from_cli(config_file, values, ()))
+    config.pop("training", None)
+    host = host_from(ctx)
+    found = cfg.problems(config, host.registry)
+    if found:
+        raise UsageError("; ".join(found))
+    return host, config

@@ -6,10 +6,7 @@ import time
 
 import click
 
-from sftcore import config as cfg
-from sftcore.commands.common import cache_dir_option, data_options, host_from
-from sftcore.commands.run import config_from_cli
-from sftcore.errors import UsageError
+from sftcore.commands.common import cache_dir_option, data_config, data_options
 
 
 @click.command("prepare")
@@ -27,15 +24,9 @@ def command(ctx: click.Context, config_file, tokenizer_path, workers, no_progres
     """
     from sftcore.train import prepare_data, reasons
 
-    if tokenizer_path:
-        values["model"] = tokenizer_path
-    config = cfg.effective(config_from_cli(config_file, values, ()))
-    config.pop("training", None)
-    found = cfg.problems(config, host_from(ctx).registry)
-    if found:
-        raise UsageError("; ".join(found))
+    host, config = data_config(ctx, config_file, tokenizer_path, values)
     started = time.perf_counter()
-    data = prepare_data(host_from(ctx), config, progress=not no_progress, workers=workers)
+    data = prepare_data(host, config, progress=not no_progress, workers=workers)
     seconds = time.perf_counter() - started
     click.echo(
         f"rows: {len(data.rows)} prepared of {data.rows_read} read; skipped: {reasons(data.skipped)}; "

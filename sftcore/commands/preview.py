@@ -8,10 +8,7 @@ import sys
 import click
 
 from sftcore import IGNORE_INDEX
-from sftcore import config as cfg
-from sftcore.commands.common import data_options, host_from
-from sftcore.commands.run import config_from_cli
-from sftcore.errors import UsageError
+from sftcore.commands.common import data_config, data_options
 
 
 def spans(tokenizer, ids: list[int], labels: list[int]) -> list[tuple[bool, str]]:
@@ -38,14 +35,7 @@ def command(ctx: click.Context, config_file, tokenizer_path, limit, as_json, **v
     """
     from sftcore.train import default_max_length_for, format_data, load_tokenizer, mask_data, tokenizer_source
 
-    if tokenizer_path:
-        values["model"] = tokenizer_path
-    config = cfg.effective(config_from_cli(config_file, values, ()))
-    config.pop("training", None)
-    host = host_from(ctx)
-    found = cfg.problems(config, host.registry)
-    if found:
-        raise UsageError("; ".join(found))
+    host, config = data_config(ctx, config_file, tokenizer_path, values)
     tokenizer = load_tokenizer(host, config, tokenizer_source(config))
     max_length = config.get("max_length") or default_max_length_for(tokenizer)
     items, prepared = format_data(host, config, limit=limit)
