@@ -152,7 +152,30 @@ def variant_sftcore(args, rows, tok_dir, shape, output):
     return trainer, counter, attention
 
 
+def check_datasets_location() -> None:
+    """Raise ImportError where ``datasets`` would fail to build any Dataset.
+
+    datasets fingerprints a Dataset with dill, which pickles by value every module whose file is
+    neither under a sys prefix nor in a path naming ``site-packages`` (a ``pip install --target``
+    tree, for one) and then fails on pyarrow with ``PicklingError: Can't pickle <class
+    'MonthDayNano'>``.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("pyarrow")
+    if spec is None or spec.origin is None:
+        return  # the import below reports it
+    prefixes = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
+    if "site-packages" not in spec.origin and not any(spec.origin.startswith(p) for p in prefixes):
+        raise ImportError(
+            f"pyarrow is imported from {Path(spec.origin).parent}, outside any site-packages directory, where "
+            "datasets cannot fingerprint a Dataset; reach that tree through a path that names one "
+            "(bench/gpu_session.sh does: ln -s /tmp/site /tmp/py/site-packages)"
+        )
+
+
 def variant_trl(args, rows, tok_dir, shape, output):
+    check_datasets_location()
     from datasets import Dataset
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
