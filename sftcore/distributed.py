@@ -61,6 +61,38 @@ def summed(*counts: int) -> tuple[int, ...]:
     return tuple(int(x) for x in total.tolist())
 
 
+ENGINES = {"MULTI_CPU": "DDP over CPU processes (gloo)", "MULTI_GPU": "DDP", "FSDP": "FSDP", "DEEPSPEED": "DeepSpeed"}
+
+
+def requested_engine(args: Any) -> str | None:
+    """The sharding engine the launcher's config or the training arguments ask for, if any."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" or getattr(args, "fsdp", None):
+        return "FSDP"
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" or getattr(args, "deepspeed", None):
+        return "DeepSpeed"
+    return None
+
+
+def engine_report(distributed_type: Any, args: Any, processes: int) -> tuple[str, str | None]:
+    """A line naming the engine a Trainer's accelerator runs, and a warning where it is not the one asked for.
+
+    ``distributed_type`` is accelerate's ``DistributedType`` (or its name). accelerate shards
+    (FSDP, DeepSpeed) only on GPUs and other accelerators: asked for on CPU processes, it runs
+    plain data parallelism instead, every process holding the whole model, and says nothing.
+    """
+    kind = str(getattr(distributed_type, "value", distributed_type))
+    name = ENGINES.get(kind, kind)
+    line = f"parallel: {processes} processes, {name}"
+    asked = requested_engine(args)
+    if asked is None or asked == name:
+        return line, None
+    return line, (
+        f"{asked} was asked for, but this run is {name}: accelerate shards only on GPUs and other accelerators, "
+        "so every process holds the whole model; run on GPUs to shard, or drop the "
+        f"{asked} config to silence this"
+    )
+
+
 def without_nproc(argv: list[str]) -> list[str] | None:
     """``argv`` less its ``--nproc N`` (None when it has none).
 

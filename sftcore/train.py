@@ -405,4 +405,9 @@ def build_trainer(host, config, model, tokenizer, data, collator, curve, args, p
     )
     for noisy in (ProgressCallback, PrinterCallback):  # they print a dict per logged step
         trainer.remove_callback(noisy)
+    if args.world_size > 1 and distributed.is_main_process():
+        line, warning = distributed.engine_report(trainer.accelerator.distributed_type, args, args.world_size)
+        log.info("%s", line)
+        if warning:
+            log.warning("%s", warning)
     return trainer

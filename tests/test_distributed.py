@@ -83,6 +83,42 @@ def test_alone_nothing_is_exchanged():
     assert distributed.summed(3, 5) == (3, 5)
 
 
+class Args:
+    fsdp: list = []
+    deepspeed = None
+
+
+@pytest.mark.parametrize(
+    ("kind", "environment", "options", "line", "warned"),
+    [
+        ("MULTI_CPU", {}, {}, "parallel: 2 processes, DDP over CPU processes (gloo)", None),
+        ("MULTI_GPU", {}, {}, "parallel: 2 processes, DDP", None),
+        ("FSDP", {"ACCELERATE_USE_FSDP": "true"}, {}, "parallel: 2 processes, FSDP", None),
+        ("DEEPSPEED", {"ACCELERATE_USE_DEEPSPEED": "true"}, {}, "parallel: 2 processes, DeepSpeed", None),
+        # accelerate turns these into plain data parallelism on CPU processes without a word.
+        ("MULTI_CPU", {"ACCELERATE_USE_FSDP": "true"}, {}, "parallel: 2 processes, DDP over CPU processes (gloo)", "FSDP"),
+        ("MULTI_CPU", {}, {"fsdp": ["full_shard"]}, "parallel: 2 processes, DDP over CPU processes (gloo)", "FSDP"),
+        ("MULTI_GPU", {}, {"deepspeed": "ds.json"}, "parallel: 2 processes, DDP", "DeepSpeed"),
+    ],
+)
+def test_the_engine_in_use_is_named_and_a_silent_fallback_is_not(monkeypatch, kind, environment, options, line, warned):
+    from accelerate.utils import DistributedType
+
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    args = Args()
+    for name, value in options.items():
+        setattr(args, name, value)
+    said, warning = distributed.engine_report(DistributedType[kind], args, 2)
+    assert said == line
+    if warned is None:
+        assert warning is None
+    else:
+        assert warning.startswith(f"{warned} was asked for, but this run is ") and "whole model" in warning
+
+
 def test_the_cli_runs_as_a_module():
     done = subprocess.run([sys.executable, "-m", "sftcore.cli", "run", "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -140,6 +176,8 @@ def test_two_gloo_processes_train_as_one_with_the_same_global_batch(tmp_path):
     # Only the main process reports; it prepared and cached the data while the other waited (and
     # then read that cache); its counters cover both processes.
     assert two.stdout.count("saved to") == 1
+    assert two.stderr.count("parallel: 2 processes, DDP over CPU processes (gloo)") == 1
+    assert "parallel:" not in one.stderr
     assert two.stderr.count("tokenized and cached") == 1
     log = two.stderr
     # Process 1 may print its "waiting" line before or after the main process starts tokenizing
