@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 import sftcore
+from sftcore.distributed import is_main_process
 from sftcore.errors import SftError
 
 COMMANDS = {
@@ -46,7 +47,8 @@ class LazyGroup(click.Group):
         try:
             return super().invoke(ctx)
         except SftError as exc:
-            click.echo(f"Error: {exc}", err=True)
+            if not exc.same_in_every_process or is_main_process():
+                click.echo(f"Error: {exc}", err=True)
             ctx.exit(exc.exit_code)
         except KeyboardInterrupt:  # Ctrl-C outside training, or a second one during it: no checkpoint
             click.echo("Interrupted.", err=True)

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
-from sftcore.errors import UsageError
+from sftcore.errors import SftError, UsageError
 
 # Set by torchrun, and so by `accelerate launch` and the DeepSpeed launcher, in every worker.
 RANK_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
@@ -112,17 +112,14 @@ def without_nproc(argv: list[str]) -> list[str] | None:
     return out if found else None
 
 
-def relaunch_command(argv: list[str], nproc: int) -> list[str]:
-    """The command that runs ``sft <argv>`` as ``nproc`` torchrun workers on this machine.
+def torchrun_arguments(argv: list[str], nproc: int) -> list[str]:
+    """torchrun's command line for ``nproc`` workers on this machine, each running ``sft <argv>``.
 
     ``--standalone`` lets torchrun pick a free port, so two runs on one machine do not clash.
     """
     if nproc < 1:
         raise UsageError(f"--nproc must be at least 1, got {nproc}")
-    return [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-        "-m", "sftcore.cli", *argv,
-    ]
+    return ["--standalone", f"--nproc_per_node={nproc}", "-m", "sftcore.cli", *argv]
 
 
 def check_devices(nproc: int) -> None:
@@ -133,14 +130,40 @@ def check_devices(nproc: int) -> None:
         raise UsageError(f"--nproc {nproc}: this machine has {torch.cuda.device_count()} GPU(s), one process each")
 
 
-def relaunch(nproc: int) -> None:
-    """Replace this process by ``nproc`` torchrun workers running the same `sft` command line."""
+class WorkerFailed(SftError):
+    """A worker of `sft run --nproc` exited with an error; its own message came before."""
+
+    def __init__(self, rank: int, exit_code: int) -> None:
+        self.exit_code = exit_code if 0 < exit_code < 256 else 1
+        how = f"was killed by signal {-exit_code}" if exit_code < 0 else f"exited with code {exit_code}"
+        super().__init__(f"worker {rank} {how}; its messages are above")
+
+
+def relaunch(nproc: int) -> NoReturn:
+    """Run this `sft` command line as ``nproc`` torchrun workers, from this process, and exit as they did.
+
+    torchrun's agent runs here rather than replacing this process, so that its ends are reported
+    as sftcore reports everything: a signal (Ctrl-C, SIGTERM), which the agent hands to the
+    workers and on which they save a checkpoint that the main worker names, exits 128 + the
+    signal number without the agent's traceback; a failed worker exits with that worker's code.
+    """
     argv = without_nproc(sys.argv[1:])
     if argv is None:
         raise UsageError("--nproc relaunches the `sft` command line, and this process was not started from one; "
                          "start it under torchrun or accelerate launch instead")
     check_devices(nproc)
-    command = relaunch_command(argv, nproc)
+    arguments = torchrun_arguments(argv, nproc)
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execv(command[0], command)
+    try:
+        run(parse_args(arguments))
+    except SignalException as exc:
+        raise SystemExit(128 + int(exc.sigval)) from None
+    except ChildFailedError as exc:
+        rank, failure = exc.get_first_failure()
+        raise WorkerFailed(rank, failure.exitcode) from None
+    raise SystemExit(0)

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 
 class SftError(Exception):
-    """An error the user can act on. `exit_code` is what the CLI exits with."""
+    """An error the user can act on. `exit_code` is what the CLI exits with.
+
+    ``same_in_every_process``: every process of a distributed run meets it at the same point
+    with the same message, so only the main process prints it (the others exit quietly).
+    """
 
     exit_code = 1
+    same_in_every_process = False
 
 
 class UsageError(SftError):

@@ -27,6 +27,8 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 class Interrupted(SftError):
     """The run stopped on a signal after saving a checkpoint; exits 128 + the signal number (130 for Ctrl-C)."""
 
+    same_in_every_process = True  # every process stops at the same step (StopOnSignal.requested)
+
     def __init__(self, signum: int, message: str):
         self.exit_code = 128 + signum
         super().__init__(message)
@@ -65,6 +67,10 @@ class StopOnSignal:
                 signal.signal(s, handler)
             raise KeyboardInterrupt
         self.signum = signum
+        from sftcore import distributed
+
+        if not distributed.is_main_process():  # each process gets the signal; one says so
+            return
         log.warning(
             "%s: saving a checkpoint after this step, then stopping (Ctrl-C again stops at once, without one)",
             signal.Signals(signum).name,

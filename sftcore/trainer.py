@@ -104,4 +104,20 @@ def trainer_class() -> type:
             keep_own_sharding(prepared, sampler)
             return prepared
 
+        def _issue_warnings_after_load(self, load_result: Any) -> None:
+            # A checkpoint stores a tied weight once (the embeddings, not lm_head); resuming
+            # would otherwise warn of a "missing" lm_head.weight on every tied model.
+            missing = untied_missing(self.model, load_result.missing_keys)
+            super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
+
     return SftTrainer
+
+
+def untied_missing(model: Any, missing: Sequence[str]) -> list[str]:
+    """The ``missing`` parameter names not tied to a parameter that was loaded under another name."""
+    names: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(parameter), []).append(name)
+    absent = set(missing)
+    loaded_alias = {name for group in names.values() if any(n not in absent for n in group) for name in group}
+    return [name for name in missing if name not in loaded_alias]

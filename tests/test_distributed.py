@@ -45,9 +45,7 @@ def test_torchrun_hands_every_sft_run_option_to_the_workers_untouched():
     argv = ["--disable-plugin", "x", "-v", "run"]
     for option in run_options():
         argv += [option.opts[0]] if option.is_flag else [option.opts[0], "1"]
-    command = distributed.relaunch_command(argv, 2)
-    assert command[:3] == [sys.executable, "-m", "torch.distributed.run"]
-    parsed = get_args_parser().parse_args(command[3:])
+    parsed = get_args_parser().parse_args(distributed.torchrun_arguments(argv, 2))
     assert (parsed.module, parsed.training_script, parsed.nproc_per_node) == (True, "sftcore.cli", "2")
     assert parsed.training_script_args == argv
 
@@ -188,3 +186,47 @@ def test_two_gloo_processes_train_as_one_with_the_same_global_batch(tmp_path):
     rows_seen_twice = 2 * json.loads((tmp_path / "one" / "summary.json").read_text())["tokens"]
     assert counted_tokens(tmp_path / "one") == pytest.approx(rows_seen_twice, rel=1e-3)
     assert counted_tokens(tmp_path / "two") == pytest.approx(rows_seen_twice, rel=1e-3)
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_two_processes_saves_one_checkpoint_and_exits_130(tmp_path):
+    """A terminal's Ctrl-C reaches torchrun's agent, which hands it to each worker: every worker
+    stops at the same step, the checkpoint is complete, one message names it, and the exit code
+    is the signal's, with no launcher traceback."""
+    import signal
+    import time
+
+    from sftcore.assets import tiny_model
+    from sftcore.checkpoints import MARKER, newest_complete
+
+    output = tmp_path / "out"
+    env = {**os.environ, "SFT_CACHE_DIR": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(
+        [SFT, "run", "--model", str(tiny_model(tmp_path / "model")), "--data", str(DEMO_DATA), "--output", str(output),
+         "--max-steps", "100000",
+         "--batch-size", "2", "--no-progress", "--nproc", "2", "--set", "save_steps=100000"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    seen = []
+    for line in process.stdout:  # wait until both processes train
+        seen.append(line)
+        if "parallel: 2 processes" in line:
+            break
+    else:
+        pytest.fail("".join(seen))
+    time.sleep(3)
+    os.killpg(process.pid, signal.SIGINT)  # what a terminal does on Ctrl-C: the whole foreground group
+    rest, _ = process.communicate(timeout=300)
+    log = "".join(seen) + rest
+    assert process.returncode == 130, log[-3000:]
+    assert "Traceback" not in log, log[-3000:]
+    checkpoint, unfinished = newest_complete(output)
+    assert checkpoint is not None and not unfinished and (checkpoint / MARKER).is_file(), log[-3000:]
+    step = int(checkpoint.name.split("-")[1])
+    assert 0 < step < 100000
+    stops = [line for line in log.splitlines() if line.startswith("Error: ")]
+    assert stops == [
+        f"Error: stopped by SIGINT at step {step} of 100000; checkpoint saved in {checkpoint}. "
+        "To continue, run the same command with --resume"
+    ]
+    assert log.count("SIGINT: saving a checkpoint after this step") == 1
