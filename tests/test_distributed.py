@@ -230,3 +230,15 @@ def test_ctrl_c_on_two_processes_saves_one_checkpoint_and_exits_130(tmp_path):
         "To continue, run the same command with --resume"
     ]
     assert log.count("SIGINT: saving a checkpoint after this step") == 1
+
+
+@pytest.mark.parametrize(
+    ("rank", "code", "message", "exit_code"),
+    [
+        (1, 2, "worker 1 exited with code 2; its messages are above", 2),
+        (0, -9, "worker 0 was killed by signal 9; its messages are above", 1),
+    ],
+)
+def test_a_failed_worker_is_reported_with_its_exit_code(rank, code, message, exit_code):
+    failed = distributed.WorkerFailed(rank, code)
+    assert (str(failed), failed.exit_code) == (message, exit_code)
