@@ -94,6 +94,23 @@ class StopOnSignal:
         return SaveAndStop()
 
 
+class NoFinalCheckpoint(TrainerCallback):
+    """No checkpoint at the last step unless ``save_steps`` schedules one there.
+
+    The Trainer saves one whenever training ends; the run's output is the final model already,
+    and a checkpoint beside it holds another copy of the weights plus the optimizer state (for
+    AdamW, twice the weights again in fp32) that nothing resumes: a finished run has nothing
+    left to continue. Added after the Trainer's own flow callback, before `StopOnSignal`'s,
+    which still saves at the last step when a signal asks for it.
+    """
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps and control.should_save:
+            every = state.save_steps if args.save_strategy == "steps" else 0
+            if not (every and state.global_step % every == 0):
+                control.should_save = False
+
+
 class MarkComplete(TrainerCallback):
     """Writes `MARKER` into each checkpoint once the Trainer has written everything else in it."""
 

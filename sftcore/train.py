@@ -278,7 +278,7 @@ def fit(
 ) -> Summary:
     """Load the model, train on the prepared rows (from ``checkpoint`` on, if given), save (files: the main process only)."""
     from sftcore.checkpoints import logged_losses
-    from sftcore.interrupt import MarkComplete, StopOnSignal, interrupted
+    from sftcore.interrupt import MarkComplete, NoFinalCheckpoint, StopOnSignal, interrupted
 
     output = Path(args.output_dir)
     main = distributed.is_main_process()
@@ -301,6 +301,7 @@ def fit(
     trainer = build_trainer(host, config, model, tokenizer, data, collator, curve, args, progress)
     stop = StopOnSignal()
     trainer.add_callback(MarkComplete())
+    trainer.add_callback(NoFinalCheckpoint())
     trainer.add_callback(stop.callback())
     if main:
         cfg.dump(config, output / CONFIG_FILE)

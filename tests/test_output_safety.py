@@ -138,7 +138,9 @@ def test_overwrite_starts_again_in_the_same_directory(monkeypatch, copy_of, tiny
         "--max-steps", "1", "--batch-size", "2", "--seed", "5", "--no-progress",
     )
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-1"], "the old run's checkpoints are gone"
+    # The old run's checkpoints are gone; the new one saved none (its only step is the last, and
+    # save_steps is 500).
+    assert not list(output.glob("checkpoint-*"))
     assert json.loads((output / "summary.json").read_text())["steps"] == 1
     assert cfg.load_yaml(str(output / "sft_config.yaml"))["training"]["seed"] == 5
     assert (output / "notes.txt").read_text() == "keep me"
@@ -165,3 +167,15 @@ def test_resume_refuses_checkpoints_without_optimizer_state(tmp_path):
     config["training"]["save_only_model"] = False
     cfg.dump(config, output / "sft_config.yaml")
     assert check_output(output, config, resume=True, overwrite=False) == output / "checkpoint-2"
+
+
+def test_a_finished_run_keeps_scheduled_checkpoints_only(monkeypatch, tmp_path, tiny_model_dir, data):
+    """save_steps=3 over 4 steps: checkpoint-3 as scheduled, none at the last step beside the final model."""
+    output = tmp_path / "out"
+    result = sft(
+        monkeypatch, "run", "--model", tiny_model_dir, "--data", data, "--output", output,
+        "--max-steps", "4", "--batch-size", "2", "--set", "save_steps=3", "--no-progress",
+    )
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-3"]
+    assert (output / "checkpoint-3" / MARKER).is_file() and (output / "model.safetensors").is_file()

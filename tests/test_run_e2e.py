@@ -48,6 +48,7 @@ def test_demo_run_with_no_arguments(tmp_path):
     assert log.index(f"sft: output: {saved.group(1)}") < next(i for i, line in enumerate(log) if "attention:" in line)
     for name in OUTPUT_FILES:
         assert (output / name).is_file(), name
+    assert not list(output.glob("checkpoint-*")), "no checkpoint beside the final model (save_steps 500, 480 steps)"
 
     points = loss_points(output)
     summary = json.loads((output / "summary.json").read_text())
