@@ -2,12 +2,15 @@
 
 Rows are numbered from 1: the Nth element of the array, or line N of a JSON Lines file.
 A bad row is yielded as a `DataError` in place of the row, so a skip policy can go on; a bad
-file raises. JSON Lines is read a line at a time, so memory holds one line, not the file;
-a JSON array has to be parsed whole.
+file raises (after the rows before the fault, which a caller must not act on before the file
+is read to its end, as `sft run` does not). Neither reader holds the file in memory: JSON
+Lines is read a line at a time, a JSON array an element at a time from blocks of text (only
+an array wrapped in an object, ``{"train": [...]}``, is parsed whole).
 """
 
 from __future__ import annotations
 
+import codecs
 import json
 import re
 from collections.abc import Iterator, Mapping
@@ -100,10 +103,134 @@ def _object(path: str, index: int, value: Any, unit: str, escaped: bool) -> Mapp
     return value
 
 
+BLOCK = 1 << 20  # bytes read at a time by the streaming JSON array reader
+_DECODER = json.JSONDecoder()
+_SPACE = re.compile(r"[ \t\n\r]*")  # JSON's whitespace
+
+
+class _Text:
+    """A UTF-8 file as text, read a block at a time: ``text[pos:]`` is what is not parsed yet.
+
+    Parsed text is dropped at the start of each value (from the start of its line, so columns
+    stay right), counting its lines, so an error anywhere names its line.
+    """
+
+    def __init__(self, path: str, handle: Any) -> None:
+        self.path, self.handle = path, handle
+        self.text, self.pos, self.lines_before, self.eof = "", 0, 0, False
+        self._raw_lines, self._carry, self._started = 0, b"", False
+
+    def more(self) -> bool:
+        """Append the next block's text; False once the file is read to its end."""
+        if self.eof:
+            return False
+        try:
+            block = self.handle.read(BLOCK)
+        except OSError as exc:
+            raise DataError(self.path, None, None, f"cannot read file: {exc.strerror or exc}", reason="unreadable") from None
+        data = self._carry + block
+        if not self._started:
+            self._started = True
+            if data.startswith(codecs.BOM_UTF8):
+                data = data[len(codecs.BOM_UTF8):]
+        self.eof = not block
+        try:
+            text, used = codecs.utf_8_decode(data, "strict", self.eof)  # an unfinished character waits for the next block
+        except UnicodeDecodeError as exc:
+            raise _not_utf8(self.path, self._raw_lines + data[: exc.start].count(b"\n") + 1, data[exc.start]) from None
+        self._raw_lines += data[:used].count(b"\n")
+        self._carry = data[used:]
+        self.text += text
+        return True
+
+    def drop_parsed(self) -> None:
+        cut = self.text.rfind("\n", 0, self.pos) + 1
+        if cut > BLOCK:
+            self.lines_before += self.text.count("\n", 0, cut)
+            self.text, self.pos = self.text[cut:], self.pos - cut
+
+    def line(self, pos: int) -> int:
+        return self.lines_before + self.text.count("\n", 0, pos) + 1
+
+    def column(self, pos: int) -> int:
+        return pos - self.text.rfind("\n", 0, pos)
+
+    def next_char(self) -> str:
+        """The next character that is not whitespace ("" at the end of the file), not consumed."""
+        while True:
+            self.pos = _SPACE.match(self.text, self.pos).end()
+            if self.pos < len(self.text):
+                return self.text[self.pos]
+            if not self.more():
+                return ""
+
+    def value(self) -> tuple[Any, int]:
+        """The JSON value at ``pos`` and where it starts; more is read until it parses or the file ends.
+
+        Each retry first doubles the text after the value's start, so a value of many blocks is
+        parsed a few times, not once per block.
+        """
+        self.drop_parsed()
+        start = self.pos
+        while True:
+            try:
+                value, self.pos = _DECODER.raw_decode(self.text, start)
+                return value, start
+            except json.JSONDecodeError as exc:
+                if self.eof:
+                    raise self.error(f"invalid JSON: {exc.msg}", exc.pos) from None
+                target = 2 * (len(self.text) - start)
+                while self.more() and len(self.text) - start < target:
+                    pass
+            except RecursionError:
+                raise self.error("invalid JSON: nested too deeply", start) from None
+            except ValueError as exc:  # an integer of more than 4300 digits
+                raise self.error(f"invalid JSON: {str(exc).split(';')[0]}", start) from None
+
+    def error(self, message: str, pos: int) -> DataError:
+        message = f"{message} (column {self.column(pos)})"
+        return DataError(self.path, self.line(pos), None, message, reason="bad-json", unit="line")
+
+
 class JsonReader:
     suffixes = (".json",)
 
     def read(self, path: str) -> Iterator[tuple[int, Mapping[str, Any] | DataError]]:
+        with _open(path) as handle:
+            source = _Text(path, handle)
+            first = source.next_char()
+            if not first:
+                raise DataError(path, None, None, "the file is empty", reason="empty-file")
+            if first == "[":
+                yield from self._elements(path, source)
+                return
+        yield from self._whole(path)  # a wrapper object, or not an array: the messages of a whole parse
+
+    @staticmethod
+    def _elements(path: str, source: _Text) -> Iterator[tuple[int, Mapping[str, Any] | DataError]]:
+        source.pos += 1  # "["
+        index = 0
+        if source.next_char() == "]":
+            source.pos += 1
+        else:
+            while True:
+                value, start = source.value()
+                index += 1
+                escaped = bool(_SURROGATE_ESCAPE.search(source.text, start, source.pos))
+                yield index, _object(path, index, value, "row", escaped)
+                after = source.next_char()
+                source.pos += 1
+                if after == "]":
+                    break
+                if after != ",":
+                    raise source.error("invalid JSON: Expecting ',' delimiter" if after else "invalid JSON: unterminated array", source.pos - 1)
+                if source.next_char() == "]":
+                    raise source.error("invalid JSON: Illegal trailing comma before end of array", source.pos)
+        if source.next_char():
+            raise source.error("invalid JSON: Extra data", source.pos)
+
+    @staticmethod
+    def _whole(path: str) -> Iterator[tuple[int, Mapping[str, Any] | DataError]]:
         text = _read_text(path)
         if not text.strip():
             raise DataError(path, None, None, "the file is empty", reason="empty-file")

@@ -130,3 +130,78 @@ def test_reader_is_picked_by_suffix(builtin_host, tmp_path):
     assert isinstance(pick_reader(builtin_host.registry, "data.txt", "jsonl"), JsonLinesReader)
     with pytest.raises(UsageError, match=r"data.csv: no reader for '.csv' files; known: .json, .jsonl, .ndjson"):
         pick_reader(builtin_host.registry, "data.csv")
+
+
+# ---- the JSON array, read an element at a time ----------------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import sftcore_plugins.readers as readers  # noqa: E402
+
+TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=40)  # "中", "é", emoji: split across blocks
+ROW = st.fixed_dictionaries({"instruction": TEXT, "output": TEXT}, optional={"input": TEXT, "n": st.integers()})
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.lists(ROW, max_size=12), block=st.integers(1, 64), indent=st.sampled_from([None, 0, 2]),
+       ascii_only=st.booleans())
+def test_a_json_array_read_in_blocks_gives_what_a_whole_parse_gives(tmp_path_factory, rows, block, indent, ascii_only):
+    path = tmp_path_factory.mktemp("blocks") / "rows.json"
+    path.write_bytes(json.dumps(rows, indent=indent, ensure_ascii=ascii_only).encode("utf-8"))
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(readers, "BLOCK", block)
+        assert read(JsonReader(), path) == list(enumerate(rows, start=1))
+
+
+@pytest.mark.parametrize("block", [7, 64, 1 << 20])
+@pytest.mark.parametrize(
+    "text",
+    [
+        '[\n  {"instruction": "a", "output": "b"},\n' * 1 + '  {"instruction": "c" "output": "d"}\n]',
+        '[\n' + '  {"instruction": "a", "output": "b"},\n' * 40 + '  {"instruction": "c", "output": "d"},\n]',
+        '[\n' + '  {"instruction": "a", "output": "b"},\n' * 40 + '  {"instruction": "c", "output": \n',
+        '[\n' + '  {"instruction": "a", "output": "b"},\n' * 40 + '  {"instruction": "c", "output": "d"}\n]\n{}',
+        '[\n' + '  {"instruction": "a", "output": "b"},\n' * 40 + '  {"instruction": "c", "output": "d"} ; \n]',
+    ],
+    ids=["missing-comma", "trailing-comma", "cut-short", "extra-data", "bad-delimiter"],
+)
+def test_a_json_array_error_names_the_line_a_whole_parse_names(tmp_path, monkeypatch, block, text):
+    monkeypatch.setattr(readers, "BLOCK", block)
+    path = tmp_path / "bad.json"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(json.JSONDecodeError) as whole:
+        json.loads(text)
+    with pytest.raises(DataError) as info:
+        read(JsonReader(), path)
+    assert info.value.reason == "bad-json" and info.value.row == whole.value.lineno, str(info.value)
+    assert str(info.value).startswith(f"{path}, line {whole.value.lineno}: invalid JSON: ")
+
+
+def test_a_non_utf8_byte_deep_in_a_json_array_names_its_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(readers, "BLOCK", 16)
+    path = tmp_path / "late.json"
+    lines = ["["] + [json.dumps(ROWS[0]) + "," for _ in range(30)] + ['{"instruction": "caf\xe9", "output": "x"}', "]"]
+    path.write_bytes("\n".join(lines).encode("latin-1"))
+    with pytest.raises(DataError) as info:
+        read(JsonReader(), path)
+    assert (info.value.reason, info.value.row) == ("not-utf8", 32)
+
+
+def test_a_large_json_array_is_never_held_whole(tmp_path):
+    """24 MB of rows read with memory for a few blocks, not the file."""
+    import tracemalloc
+
+    path = tmp_path / "large.json"
+    row = json.dumps({"instruction": "Describe the sea. " * 20, "output": "Blue and wide. " * 40})
+    count = 24_000_000 // len(row)
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write("[\n" + ",\n".join([row] * count) + "\n]\n")
+    tracemalloc.start()
+    try:
+        seen = sum(1 for _ in JsonReader().read(str(path)))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert seen == count
+    assert peak < 8 * readers.BLOCK, f"peak {peak / 2**20:.1f} MiB"
