@@ -111,13 +111,13 @@ _SPACE = re.compile(r"[ \t\n\r]*")  # JSON's whitespace
 class _Text:
     """A UTF-8 file as text, read a block at a time: ``text[pos:]`` is what is not parsed yet.
 
-    Parsed text is dropped at the start of each value (from the start of its line, so columns
-    stay right), counting its lines, so an error anywhere names its line.
+    Parsed text is dropped at the start of a value once it is over a block, counting its lines
+    and the columns of a line it cuts, so an error anywhere names its line and column.
     """
 
     def __init__(self, path: str, handle: Any) -> None:
         self.path, self.handle = path, handle
-        self.text, self.pos, self.lines_before, self.eof = "", 0, 0, False
+        self.text, self.pos, self.lines_before, self.columns_before, self.eof = "", 0, 0, 0, False
         self._raw_lines, self._carry, self._started = 0, b"", False
 
     def more(self) -> bool:
@@ -144,16 +144,22 @@ class _Text:
         return True
 
     def drop_parsed(self) -> None:
-        cut = self.text.rfind("\n", 0, self.pos) + 1
-        if cut > BLOCK:
-            self.lines_before += self.text.count("\n", 0, cut)
-            self.text, self.pos = self.text[cut:], self.pos - cut
+        """Forget the text before ``pos`` once it is over a block, keeping count of lines and columns."""
+        cut = self.pos
+        if cut <= BLOCK:
+            return
+        newlines = self.text.count("\n", 0, cut)
+        self.lines_before += newlines
+        # Characters of the line `cut` falls in that are dropped: columns still count them.
+        self.columns_before = cut - self.text.rfind("\n", 0, cut) - 1 if newlines else self.columns_before + cut
+        self.text, self.pos = self.text[cut:], 0
 
     def line(self, pos: int) -> int:
         return self.lines_before + self.text.count("\n", 0, pos) + 1
 
     def column(self, pos: int) -> int:
-        return pos - self.text.rfind("\n", 0, pos)
+        newline = self.text.rfind("\n", 0, pos)
+        return pos - newline if newline >= 0 else self.columns_before + pos + 1
 
     def next_char(self) -> str:
         """The next character that is not whitespace ("" at the end of the file), not consumed."""

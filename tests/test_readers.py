@@ -163,8 +163,10 @@ def test_a_json_array_read_in_blocks_gives_what_a_whole_parse_gives(tmp_path_fac
         '[\n' + '  {"instruction": "a", "output": "b"},\n' * 40 + '  {"instruction": "c", "output": \n',
         '[\n' + '  {"instruction": "a", "output": "b"},\n' * 40 + '  {"instruction": "c", "output": "d"}\n]\n{}',
         '[\n' + '  {"instruction": "a", "output": "b"},\n' * 40 + '  {"instruction": "c", "output": "d"} ; \n]',
+        "[" + '{"instruction": "a", "output": "b"}, ' * 40 + '{"instruction": "c" "output": "d"}]',
+        "[" + '{"instruction": "a", "output": "b"}, ' * 40 + '{"instruction": "c", "output": "d"}, ]',
     ],
-    ids=["missing-comma", "trailing-comma", "cut-short", "extra-data", "bad-delimiter"],
+    ids=["missing-comma", "trailing-comma", "cut-short", "extra-data", "bad-delimiter", "one-line", "one-line-trailing"],
 )
 def test_a_json_array_error_names_the_line_a_whole_parse_names(tmp_path, monkeypatch, block, text):
     monkeypatch.setattr(readers, "BLOCK", block)
@@ -176,6 +178,7 @@ def test_a_json_array_error_names_the_line_a_whole_parse_names(tmp_path, monkeyp
         read(JsonReader(), path)
     assert info.value.reason == "bad-json" and info.value.row == whole.value.lineno, str(info.value)
     assert str(info.value).startswith(f"{path}, line {whole.value.lineno}: invalid JSON: ")
+    assert str(info.value).endswith(f"(column {whole.value.colno})")
 
 
 def test_a_non_utf8_byte_deep_in_a_json_array_names_its_line(tmp_path, monkeypatch):
@@ -188,15 +191,16 @@ def test_a_non_utf8_byte_deep_in_a_json_array_names_its_line(tmp_path, monkeypat
     assert (info.value.reason, info.value.row) == ("not-utf8", 32)
 
 
-def test_a_large_json_array_is_never_held_whole(tmp_path):
-    """24 MB of rows read with memory for a few blocks, not the file."""
+@pytest.mark.parametrize("separator", [",\n", ", "], ids=["a-row-a-line", "one-line"])
+def test_a_large_json_array_is_never_held_whole(tmp_path, separator):
+    """24 MB of rows read with memory for a few blocks, not the file, also when it is one line."""
     import tracemalloc
 
     path = tmp_path / "large.json"
     row = json.dumps({"instruction": "Describe the sea. " * 20, "output": "Blue and wide. " * 40})
     count = 24_000_000 // len(row)
     with open(path, "w", encoding="utf-8") as handle:
-        handle.write("[\n" + ",\n".join([row] * count) + "\n]\n")
+        handle.write("[" + separator.join([row] * count) + "]")
     tracemalloc.start()
     try:
         seen = sum(1 for _ in JsonReader().read(str(path)))
