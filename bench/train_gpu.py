@@ -10,6 +10,9 @@ autocast, in one process run:
   4, 3 or 2, else PyTorch's varlen kernel, else sdpa);
 * trl: SFTTrainer with BFD packing and padding-free batches, same attention, when trl imports.
 
+Before training, the loss of one batch of the same rows with the same weights, padded under sdpa
+and packed under sftcore's attention, is printed: the two must agree (bf16 tolerance).
+
 The second epoch is timed (clocks read after a device synchronisation). Printed per variant:
 real (non-pad) tokens/s, padding fraction, peak memory, MFU against 780 TFLOP/s (bf16 dense on
 an H100, measured) with 6 x parameters FLOPs per token, and the ratio to the reference.
@@ -204,6 +207,42 @@ def variant_trl(args, rows, tok_dir, shape, output):
 VARIANTS = {"reference": variant_reference, "sftcore": variant_sftcore, "trl": variant_trl}
 
 
+def loss_agreement(args, rows, tok_dir, shape, root) -> dict:
+    """One batch of the same rows, same weights: the padded batch under sdpa against sftcore's
+    packed batch under the attention it trains with. Mean loss per supervised token, bf16 autocast."""
+    import torch
+
+    from sftcore import config as cfg
+    from sftcore.manager import load_host
+    from sftcore.train import prepare_data
+    from sftcore_plugins.packed import PackedCollator
+    from sftcore_plugins.pad import PadCollator
+
+    data_file = root / "agreement.json"
+    data_file.write_text(json.dumps(rows[: args.batch_size]), encoding="utf-8")
+    config = cfg.effective({"model": str(tok_dir), "data": str(data_file), "max_length": args.max_length, "cache_dir": False})
+    batch = list(prepare_data(load_host(entry_points=False), config, progress=False).rows)
+    attention = packed_attention()
+    padded = PadCollator(pad_token_id=0)(batch)
+    packed = PackedCollator(max_tokens_per_batch=args.batch_size * args.max_length, attn_implementation=attention)(batch)
+    cuda = torch.cuda.is_available()
+    losses = {}
+    for name, impl, inputs in (("padded", "sdpa", padded), ("packed", attention, packed)):
+        model = new_model(shape, impl)  # seeded: the same weights both times
+        device = next(model.parameters()).device
+        inputs = {k: v.to(device) if hasattr(v, "to") else v for k, v in inputs.items()}
+        with torch.no_grad(), torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=cuda):
+            losses[name] = float(model(**inputs).loss)
+        del model
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+    result = {"rows": len(batch), "padded_sdpa": losses["padded"], f"packed_{attention}": losses["packed"],
+              "relative_difference": abs(losses["packed"] - losses["padded"]) / abs(losses["padded"])}
+    print(json.dumps({"loss_agreement": result}), flush=True)
+    return result
+
+
 def measure(name, build, args, rows, tok_dir, shape, root) -> dict | None:
     import torch
 
@@ -264,6 +303,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         tok_dir = bpe_tokenizer(args.data, shape["vocab_size"] - 1, root)  # room for the reference's [PAD]
+        agreement = loss_agreement(args, rows, tok_dir, shape, root)
         for name in args.variants.split(","):
             result = measure(name, VARIANTS[name], args, rows, tok_dir, shape, root)
             if result:
@@ -276,6 +316,9 @@ def main() -> None:
         mfu = f"{r['mfu']:.1%}" if torch.cuda.is_available() else "n/a"
         print(f"{r['variant']:10s} {r['attention']:18s} {r['seconds']:8.1f} {r['tokens_per_s']:11,.0f} "
               f"{r['padding']:8.1%} {r['peak_gb']:12.2f} {mfu:>6s} {ratio:>7s}")
+    packed_name = next(k for k in agreement if k.startswith("packed_"))
+    print(f"\nloss on the same {agreement['rows']} rows, same weights: padded (sdpa) {agreement['padded_sdpa']:.5f}, "
+          f"packed ({packed_name[7:]}) {agreement[packed_name]:.5f}, relative difference {agreement['relative_difference']:.2e}")
 
 
 if __name__ == "__main__":
