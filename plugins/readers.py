@@ -108,6 +108,20 @@ _DECODER = json.JSONDecoder()
 _SPACE = re.compile(r"[ \t\n\r]*")  # JSON's whitespace
 
 
+# Text that parsing could still reach past an error: "tru" of a `true` at a block's end fails at
+# the literal's start, "\\u00" of an escape at the escape; nothing JSON holds is longer.
+_LOOKAHEAD = 16
+
+
+def _maybe_cut_short(exc: json.JSONDecodeError, length: int) -> bool:
+    """Whether a parse error could come from the text ending too soon, not from the JSON itself.
+
+    An unterminated string can run on into the next block; any other error that lies more than
+    `_LOOKAHEAD` characters before the end is in the text itself, so the file is not read on.
+    """
+    return exc.msg.startswith("Unterminated string") or length - exc.pos <= _LOOKAHEAD
+
+
 class _Text:
     """A UTF-8 file as text, read a block at a time: ``text[pos:]`` is what is not parsed yet.
 
@@ -183,7 +197,7 @@ class _Text:
                 value, self.pos = _DECODER.raw_decode(self.text, start)
                 return value, start
             except json.JSONDecodeError as exc:
-                if self.eof:
+                if self.eof or not _maybe_cut_short(exc, len(self.text)):
                     raise self.error(f"invalid JSON: {exc.msg}", exc.pos) from None
                 target = 2 * (len(self.text) - start)
                 while self.more() and len(self.text) - start < target:

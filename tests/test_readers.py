@@ -140,7 +140,11 @@ from hypothesis import strategies as st  # noqa: E402
 import sftcore_plugins.readers as readers  # noqa: E402
 
 TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=40)  # "中", "é", emoji: split across blocks
-ROW = st.fixed_dictionaries({"instruction": TEXT, "output": TEXT}, optional={"input": TEXT, "n": st.integers()})
+# Literals, numbers and escapes cut by a block's end must be read on, not reported.
+VALUE = st.one_of(st.booleans(), st.none(), st.integers(), st.floats(allow_nan=False, allow_infinity=False), TEXT)
+ROW = st.fixed_dictionaries(
+    {"instruction": TEXT, "output": TEXT}, optional={"input": TEXT, "n": VALUE, "tags": st.lists(VALUE, max_size=4)}
+)
 
 
 @settings(max_examples=60, deadline=None)
@@ -209,3 +213,21 @@ def test_a_large_json_array_is_never_held_whole(tmp_path, separator):
         tracemalloc.stop()
     assert seen == count
     assert peak < 8 * readers.BLOCK, f"peak {peak / 2**20:.1f} MiB"
+
+
+def test_a_syntax_error_early_in_a_large_json_array_is_reported_without_reading_on(tmp_path, monkeypatch):
+    import tracemalloc
+
+    monkeypatch.setattr(readers, "BLOCK", 4096)
+    path = tmp_path / "early.json"
+    row = json.dumps(ROWS[0])
+    path.write_text("[\n" + row + ",\n" + '{"instruction": "c" "output": "d"},\n' + ",\n".join([row] * 100_000) + "\n]", encoding="utf-8")
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError) as info:
+            read(JsonReader(), path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert (info.value.reason, info.value.row) == ("bad-json", 3)
+    assert peak < 64 * 4096, f"peak {peak} bytes: the file was read on past the error"
