@@ -8,6 +8,7 @@ can never smuggle in a second EOS.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -64,6 +65,43 @@ def _backend_encode(tokenizer: Any, texts: list[str]) -> list[list[int]] | None:
     tokenizer class that does not override the call, with no truncation or padding set on its
     backend, takes this path; tests/test_cache.py checks it against the plain call.
     """
+    backend = _plain_backend(tokenizer)
+    if backend is None:
+        return None
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)  # _fast: no offsets
+    before = backend.encode_special_tokens
+    backend.encode_special_tokens = True
+    try:
+        return [encoding.ids for encoding in encode(texts, add_special_tokens=False)]
+    finally:
+        backend.encode_special_tokens = before
+
+
+class Marked(str):
+    """Text a template rendered, whose ``markers`` are the template's own structure (ChatML's
+    ``<|im_start|>``, say), never user text: the template rejects contents holding one.
+
+    Where the tokenizer has a marker as an added token, `encode_prompts` encodes it as that
+    token's id, splitting the text around it as the tokenizer's own call does at inference (see
+    `marker_backend`), while any other special-token string stays text, so a ``</s>`` typed by a
+    user never becomes EOS. A marker the tokenizer lacks is text. Slicing or adding gives a
+    plain ``str``; `clip_text` keeps the markers.
+    """
+
+    markers: tuple[str, ...]
+
+    def __new__(cls, text: str, markers: Sequence[str]) -> Marked:
+        marked = super().__new__(cls, text)
+        marked.markers = tuple(markers)
+        return marked
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return Marked, (str(self), self.markers)
+
+
+def _plain_backend(tokenizer: Any) -> Any | None:
+    """The tokenizer's Rust backend where calling it gives what the tokenizer's own call gives:
+    a tokenizer class that does not override the call, with no truncation or padding set."""
     from transformers import PreTrainedTokenizerFast
 
     backend = getattr(tokenizer, "_tokenizer", None)
@@ -77,19 +115,80 @@ def _backend_encode(tokenizer: Any, texts: list[str]) -> list[list[int]] | None:
         or backend.padding is not None
     ):
         return None
-    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)  # _fast: no offsets
-    before = backend.encode_special_tokens
-    backend.encode_special_tokens = True
+    return backend
+
+
+def marker_backend(tokenizer: Any, markers: Sequence[str]) -> Any | None:
+    """A copy of the tokenizer's Rust backend that splits text at ``markers`` and at nothing else.
+
+    In the copy, the markers the tokenizer has as added tokens are ordinary added tokens (always
+    matched) and every other special token stays special, so with ``encode_special_tokens`` on
+    it encodes a marker as its id and a ``</s>`` typed by a user as text. Around each marker it
+    does exactly what the tokenizer's own call does (a SentencePiece ``▁`` only at the very
+    start, ``lstrip``/``rstrip``, normalization), since that is the same code. None where the
+    tokenizer has none of the markers or no plain Rust backend: the markers are then text.
+    Built once per tokenizer, markers and vocabulary size.
+    """
+    if not markers:
+        return None
+    backend = _plain_backend(tokenizer)
+    if backend is None:
+        return None
+    key = (tuple(markers), len(tokenizer))
+    cached = getattr(tokenizer, "_sftcore_marker_backend", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    import json
+
+    from tokenizers import Tokenizer
+
+    spec = json.loads(backend.to_str())
+    found = [token for token in spec.get("added_tokens", []) if token["content"] in markers]
+    for token in found:
+        token["special"] = False
+    copy = Tokenizer.from_str(json.dumps(spec)) if found else None
+    if copy is not None:
+        copy.encode_special_tokens = True
     try:
-        return [encoding.ids for encoding in encode(texts, add_special_tokens=False)]
-    finally:
-        backend.encode_special_tokens = before
+        tokenizer._sftcore_marker_backend = (key, copy)
+    except AttributeError:
+        pass
+    return copy
+
+
+def encode_marked(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
+    """`encode_texts`, but with the markers of `Marked` texts as their token ids (see `Marked`)."""
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for index, text in enumerate(texts):
+        groups.setdefault(getattr(text, "markers", ()), []).append(index)
+    out: list[list[int]] = [[] for _ in texts]
+    for markers, indices in groups.items():
+        copy = marker_backend(tokenizer, markers)
+        group = [texts[i] for i in indices]
+        if copy is None:
+            encoded = encode_texts(tokenizer, group)
+        else:
+            encode = getattr(copy, "encode_batch_fast", copy.encode_batch)
+            encoded = [encoding.ids for encoding in encode([str(text) for text in group], add_special_tokens=False)]
+        for i, ids in zip(indices, encoded):
+            out[i] = ids
+    return out
+
+
+def encode_marked_offsets(tokenizer: Any, text: str) -> tuple[list[int], list[tuple[int, int]]] | None:
+    """`encode_marked` of one text with each token's character span; None where its markers are
+    not tokens of this tokenizer (the text is then encoded as plain text)."""
+    copy = marker_backend(tokenizer, getattr(text, "markers", ()))
+    if copy is None:
+        return None
+    encoding = copy.encode(str(text), add_special_tokens=False)
+    return list(encoding.ids), [tuple(span) for span in encoding.offsets]
 
 
 def encode_prompts(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
     """Inference ids of each prompt: the tokenizer's leading specials (BOS) + the text's ids."""
     prefix = special_affixes(tokenizer)[0]
-    return [prefix + ids for ids in encode_texts(tokenizer, prompts)]
+    return [prefix + ids for ids in encode_marked(tokenizer, prompts)]
 
 
 # Characters kept beyond the bound in `clip_text`, so rows of ordinary length are never touched.
@@ -125,7 +224,8 @@ def clip_text(tokenizer: Any, text: str, max_length: int, keep: str = "head") ->
     limit = 2 * (max_length + 1) * max_token_chars(tokenizer) + CLIP_MARGIN
     if len(text) <= limit:
         return text
-    return text[:limit] if keep == "head" else text[-limit:]
+    clipped = text[:limit] if keep == "head" else text[-limit:]
+    return Marked(clipped, text.markers) if isinstance(text, Marked) else clipped
 
 
 def eos_id(tokenizer: Any) -> int:

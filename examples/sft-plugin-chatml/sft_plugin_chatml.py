@@ -25,9 +25,10 @@ from typing import Any, Literal
 
 from sftcore import IGNORE_INDEX, RowDropped, hookimpl
 from sftcore.errors import FieldError, UsageError
-from sftcore.tokens import eos_id, encode_texts, special_affixes
+from sftcore.tokens import Marked, encode_marked_offsets, encode_texts, eos_id, special_affixes
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+MARKERS = (IM_START, IM_END)
 ROLES = ("system", "user", "assistant")
 GENERATION_PROMPT = f"{IM_START}assistant\n"
 _ASSISTANT_TURN = re.compile(f"{re.escape(IM_START)}assistant\n(.*?){re.escape(IM_END)}", re.DOTALL)
@@ -95,10 +96,11 @@ class ChatMLTemplate:
         return turns
 
 
-def _prompt(turns: list[tuple[str, str]]) -> str:
+def _prompt(turns: list[tuple[str, str]]) -> Marked:
+    """The prompt, its markers declared: contents cannot hold one (`_content` rejects them)."""
     if turns[-1][0] == "assistant":
         turns = turns[:-1]
-    return render(turns) + GENERATION_PROMPT
+    return Marked(render(turns) + GENERATION_PROMPT, MARKERS)
 
 
 def _alpaca(example: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -131,15 +133,16 @@ def _content(value: Any, field: str) -> str:
 class ChatMLMasker:
     """Masker ``chatml``: supervises assistant turns, each its content plus ``<|im_end|>``.
 
-    The prompt is encoded in one piece, exactly as ``sftcore.tokens.encode_prompts`` encodes it
-    for ``sft generate``, so training and inference see the same prompt ids on every tokenizer.
-    (Encoding it turn by turn does not: a SentencePiece tokenizer starts every piece with ``▁``.)
-    Earlier assistant turns inside the prompt are found by character offsets; a token that
-    straddles a turn's edge is supervised. The reply is encoded on its own and followed by
-    ``<|im_end|>`` (the tokenizer's id when it has that token, else the ids of its text) and
-    EOS, unless EOS is ``<|im_end|>`` itself. Markers inside the prompt are text even for a
-    tokenizer that has ChatML tokens: sftcore encodes every prompt with ``split_special_tokens``,
-    at inference too, and the prompt must match what ``sft generate`` sends.
+    The prompt is encoded exactly as ``sftcore.tokens.encode_prompts`` encodes it for ``sft
+    generate``, so training and inference see the same prompt ids on every tokenizer: the
+    template declares its markers (`sftcore.tokens.Marked`), so a tokenizer that has ChatML
+    tokens gets their ids, as its own call and chat template give at inference, with the text
+    between them encoded as user text; for one without, the prompt is encoded in one piece, the
+    markers as text. (Encoding it turn by turn would not match: a SentencePiece tokenizer starts
+    every piece with ``▁``.) Earlier assistant turns inside the prompt are found by character
+    offsets; a token that straddles a turn's edge is supervised. The reply is encoded on its
+    own and followed by ``<|im_end|>`` (the tokenizer's id when it has that token, else the ids
+    of its text) and EOS, unless EOS is ``<|im_end|>`` itself.
 
     :param train_on: ``all-assistant`` supervises every assistant turn, ``last`` only the reply
         the template returned.
@@ -167,14 +170,17 @@ class ChatMLMasker:
         return self._fit(prefix + ids, [IGNORE_INDEX] * len(prefix) + labels, tail, len(prefix), max_length)
 
     def _prompt(self, prompt: str, tokenizer: Any) -> tuple[list[int], list[int]]:
-        try:
-            encoded = tokenizer(prompt, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True)
-        except NotImplementedError:  # slow tokenizers have no offsets
-            raise UsageError("the chatml masker needs a fast tokenizer, one that reports character offsets") from None
-        ids = list(encoded["input_ids"])
+        encoded = encode_marked_offsets(tokenizer, prompt)  # a tokenizer with ChatML tokens
+        if encoded is None:
+            try:
+                plain = tokenizer(prompt, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True)
+            except NotImplementedError:  # slow tokenizers have no offsets
+                raise UsageError("the chatml masker needs a fast tokenizer, one that reports character offsets") from None
+            encoded = list(plain["input_ids"]), plain["offset_mapping"]
+        ids, offsets = encoded
         spans = [(m.start(1), m.end()) for m in _ASSISTANT_TURN.finditer(prompt)] if self.train_on == "all-assistant" else []
         labels = [IGNORE_INDEX] * len(ids)
-        for i, (begin, end) in enumerate(encoded["offset_mapping"]):
+        for i, (begin, end) in enumerate(offsets):
             if any(begin < stop and max(end, begin + 1) > start for start, stop in spans):
                 labels[i] = ids[i]
         return ids, labels

@@ -175,6 +175,30 @@ def test_a_tokenizer_with_chatml_tokens_ends_the_reply_with_its_im_end_id(host, 
     check_mask_invariants(template, masker, tiny_tokenizer, ROWS, supervise_prompt=True)
 
 
+def test_a_tokenizer_with_chatml_tokens_sees_them_as_at_inference(host, template, tiny_tokenizer):
+    """With ChatML tokens, the prompt holds their ids, as the tokenizer's own call (and so a chat
+    template at inference) encodes the conversation; a user's "</s>" still stays text."""
+    tiny_tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    start, end = tiny_tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    for masker_options in ({}, {"train_on": "last"}):
+        masker = host.registry.build("masker", "chatml", masker_options)
+        for row in ROWS + [TWO_TURNS]:
+            prompt, response = template.format(row)
+            masked = masker(prompt, response, tiny_tokenizer, 512)
+            n_prompt = len(tiny_tokenizer(str(prompt))["input_ids"]) if "</s>" not in prompt else None
+            ids = masked["input_ids"]
+            assert ids.count(start) == prompt.count("<|im_start|>")
+            assert ids.count(end) == prompt.count("<|im_end|>") + 1  # the reply's own
+            if n_prompt is not None:  # inference: the tokenizer parses its added tokens in the text
+                assert ids[:n_prompt] == tiny_tokenizer(str(prompt))["input_ids"]
+            else:  # "</s>" typed in a message: text, not EOS
+                assert ids.count(tiny_tokenizer.eos_token_id) == 1
+        check_mask_invariants(template, masker, tiny_tokenizer, ROWS, supervise_prompt=not masker_options)
+    assert supervised_text(tiny_tokenizer, masker(*template.format(TWO_TURNS), tiny_tokenizer, 512)) == [
+        "Down.<|im_end|></s>"
+    ]
+
+
 def test_the_masker_refuses_a_prompt_that_is_not_chatml(host, tiny_tokenizer):
     alpaca = host.registry.build("template", "alpaca")
     with pytest.raises(UsageError, match="use it with the chatml template"):
