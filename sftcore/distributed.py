@@ -61,6 +61,20 @@ def summed(*counts: int) -> tuple[int, ...]:
     return tuple(int(x) for x in total.tolist())
 
 
+def finish() -> None:
+    """End the process group together: every process waits for the others, then tears it down.
+
+    Left to interpreter exit, a process that finishes first can abort in its communication
+    threads' teardown ("terminate called without an active exception") while the main process
+    still writes its files.
+    """
+    dist = _group()
+    if dist is None:
+        return
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 ENGINES = {"MULTI_CPU": "DDP over CPU processes (gloo)", "MULTI_GPU": "DDP", "FSDP": "FSDP", "DEEPSPEED": "DeepSpeed"}
 
 

@@ -308,6 +308,7 @@ def fit(
     with stop.installed():
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if stop.signum is not None and trainer.state.global_step < trainer.state.max_steps:
+        distributed.finish()  # every process stopped at this step (StopOnSignal.requested)
         raise interrupted(stop.signum, output, trainer.state)
     # Every process: FSDP and DeepSpeed gather the weights for it; the main process writes.
     trainer.save_model(str(output))  # weights (safetensors) and tokenizer, no optimizer state
@@ -336,6 +337,7 @@ def fit(
     )
     if main:
         (output / SUMMARY_FILE).write_text(json.dumps(asdict(summary), indent=2) + "\n")
+    distributed.finish()
     return summary
 
 
