@@ -126,3 +126,31 @@ def test_sft_run_trains_with_the_chatml_stages_and_generate_uses_them(installed,
     answer = run(SFT, "generate", "--model", str(output), "--instruction", "What is 2 + 2?", "--max-new-tokens", "4", "--show-prompt", cwd=tmp_path)
     assert answer.returncode == 0, answer.stderr
     assert answer.stdout.startswith("<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\n")
+
+
+@pytest.mark.slow
+def test_a_model_with_chatml_tokens_trains_and_previews_on_their_ids(installed, tiny_model_dir, tmp_path):
+    """A checkpoint whose tokenizer has <|im_start|> and <|im_end|> (as Qwen's has): every marker
+    of a row is that token, as the tokenizer's own call gives the conversation at inference."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = tmp_path / "chatml-model"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.resize_token_embeddings(len(tokenizer))
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    start, end = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+
+    for record in preview(model_dir, tmp_path):
+        ids, prompt = record["input_ids"], record["prompt"]
+        assert ids.count(start) == prompt.count("<|im_start|>") and ids.count(end) == prompt.count("<|im_end|>") + 1
+        if "</s>" not in prompt:  # a user's "</s>" is text here, and EOS in the tokenizer's own parse
+            assert ids[: len(tokenizer(prompt)["input_ids"])] == tokenizer(prompt)["input_ids"]
+        assert ids[-2:] == [end, tokenizer.eos_token_id]
+    done = run(
+        SFT, "run", "--model", str(model_dir), "--data", str(CHAT), "--template", "chatml", "--masker", "chatml",
+        "--output", str(tmp_path / "run"), "--max-steps", "2", "--no-progress", cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
