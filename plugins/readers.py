@@ -4,13 +4,13 @@ Rows are numbered from 1: the Nth element of the array, or line N of a JSON Line
 A bad row is yielded as a `DataError` in place of the row, so a skip policy can go on; a bad
 file raises (after the rows before the fault, which a caller must not act on before the file
 is read to its end, as `sft run` does not). Neither reader holds the file in memory: JSON
-Lines is read a line at a time, a JSON array an element at a time from blocks of text (only
-an array wrapped in an object, ``{"train": [...]}``, is parsed whole).
+Lines is read a line at a time, a JSON array an element at a time from blocks of text
+(`sftcore.jsonstream`; only an array wrapped in an object, ``{"train": [...]}``, is parsed whole).
 """
 
 from __future__ import annotations
 
-import codecs
+import itertools
 import json
 import re
 from collections.abc import Iterator, Mapping
@@ -18,6 +18,7 @@ from typing import Any
 
 from sftcore import hookimpl
 from sftcore.errors import DataError
+from sftcore.jsonstream import NOT_AN_ARRAY, array_elements, not_utf8
 
 # A JSON escape that may decode to half a UTF-16 surrogate pair; only then are strings checked.
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
@@ -30,15 +31,6 @@ def _open(path: str):
         raise DataError(path, None, None, f"cannot read file: {exc.strerror or exc}", reason="unreadable") from None
 
 
-def _not_utf8(path: str, line: int, byte: int) -> DataError:
-    # Raised, not yielded, even under --on-bad-row skip: a file saved in another encoding would
-    # otherwise lose every row with an accent, silently.
-    return DataError(
-        path, line, None, f"not valid UTF-8 (byte 0x{byte:02x}); re-save the file as UTF-8",
-        reason="not-utf8", unit="line",
-    )
-
-
 def _read_text(path: str) -> str:
     with _open(path) as handle:
         try:
@@ -48,7 +40,7 @@ def _read_text(path: str) -> str:
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise _not_utf8(path, raw[: exc.start].count(b"\n") + 1, raw[exc.start]) from None
+        raise not_utf8(path, raw[: exc.start].count(b"\n") + 1, raw[exc.start]) from None
 
 
 def _parse(text: str) -> tuple[Any, str | None, int | None]:
@@ -103,151 +95,21 @@ def _object(path: str, index: int, value: Any, unit: str, escaped: bool) -> Mapp
     return value
 
 
-BLOCK = 1 << 20  # bytes read at a time by the streaming JSON array reader
-_DECODER = json.JSONDecoder()
-_SPACE = re.compile(r"[ \t\n\r]*")  # JSON's whitespace
-
-
-# Text that parsing could still reach past an error: "tru" of a `true` at a block's end fails at
-# the literal's start, "\\u00" of an escape at the escape; nothing JSON holds is longer.
-_LOOKAHEAD = 16
-
-
-def _maybe_cut_short(exc: json.JSONDecodeError, length: int) -> bool:
-    """Whether a parse error could come from the text ending too soon, not from the JSON itself.
-
-    An unterminated string can run on into the next block; any other error that lies more than
-    `_LOOKAHEAD` characters before the end is in the text itself, so the file is not read on.
-    """
-    return exc.msg.startswith("Unterminated string") or length - exc.pos <= _LOOKAHEAD
-
-
-class _Text:
-    """A UTF-8 file as text, read a block at a time: ``text[pos:]`` is what is not parsed yet.
-
-    Parsed text is dropped at the start of a value once it is over a block, counting its lines
-    and the columns of a line it cuts, so an error anywhere names its line and column.
-    """
-
-    def __init__(self, path: str, handle: Any) -> None:
-        self.path, self.handle = path, handle
-        self.text, self.pos, self.lines_before, self.columns_before, self.eof = "", 0, 0, 0, False
-        self._raw_lines, self._carry, self._started = 0, b"", False
-
-    def more(self) -> bool:
-        """Append the next block's text; False once the file is read to its end."""
-        if self.eof:
-            return False
-        try:
-            block = self.handle.read(BLOCK)
-        except OSError as exc:
-            raise DataError(self.path, None, None, f"cannot read file: {exc.strerror or exc}", reason="unreadable") from None
-        data = self._carry + block
-        if not self._started:
-            self._started = True
-            if data.startswith(codecs.BOM_UTF8):
-                data = data[len(codecs.BOM_UTF8):]
-        self.eof = not block
-        try:
-            text, used = codecs.utf_8_decode(data, "strict", self.eof)  # an unfinished character waits for the next block
-        except UnicodeDecodeError as exc:
-            raise _not_utf8(self.path, self._raw_lines + data[: exc.start].count(b"\n") + 1, data[exc.start]) from None
-        self._raw_lines += data[:used].count(b"\n")
-        self._carry = data[used:]
-        self.text += text
-        return True
-
-    def drop_parsed(self) -> None:
-        """Forget the text before ``pos`` once it is over a block, keeping count of lines and columns."""
-        cut = self.pos
-        if cut <= BLOCK:
-            return
-        newlines = self.text.count("\n", 0, cut)
-        self.lines_before += newlines
-        # Characters of the line `cut` falls in that are dropped: columns still count them.
-        self.columns_before = cut - self.text.rfind("\n", 0, cut) - 1 if newlines else self.columns_before + cut
-        self.text, self.pos = self.text[cut:], 0
-
-    def line(self, pos: int) -> int:
-        return self.lines_before + self.text.count("\n", 0, pos) + 1
-
-    def column(self, pos: int) -> int:
-        newline = self.text.rfind("\n", 0, pos)
-        return pos - newline if newline >= 0 else self.columns_before + pos + 1
-
-    def next_char(self) -> str:
-        """The next character that is not whitespace ("" at the end of the file), not consumed."""
-        while True:
-            self.pos = _SPACE.match(self.text, self.pos).end()
-            if self.pos < len(self.text):
-                return self.text[self.pos]
-            if not self.more():
-                return ""
-
-    def value(self) -> tuple[Any, int]:
-        """The JSON value at ``pos`` and where it starts; more is read until it parses or the file ends.
-
-        Each retry first doubles the text after the value's start, so a value of many blocks is
-        parsed a few times, not once per block.
-        """
-        self.drop_parsed()
-        start = self.pos
-        while True:
-            try:
-                value, self.pos = _DECODER.raw_decode(self.text, start)
-                return value, start
-            except json.JSONDecodeError as exc:
-                if self.eof or not _maybe_cut_short(exc, len(self.text)):
-                    raise self.error(f"invalid JSON: {exc.msg}", exc.pos) from None
-                target = 2 * (len(self.text) - start)
-                while self.more() and len(self.text) - start < target:
-                    pass
-            except RecursionError:
-                raise self.error("invalid JSON: nested too deeply", start) from None
-            except ValueError as exc:  # an integer of more than 4300 digits
-                raise self.error(f"invalid JSON: {str(exc).split(';')[0]}", start) from None
-
-    def error(self, message: str, pos: int) -> DataError:
-        message = f"{message} (column {self.column(pos)})"
-        return DataError(self.path, self.line(pos), None, message, reason="bad-json", unit="line")
-
-
 class JsonReader:
     suffixes = (".json",)
 
     def read(self, path: str) -> Iterator[tuple[int, Mapping[str, Any] | DataError]]:
         with _open(path) as handle:
-            source = _Text(path, handle)
-            first = source.next_char()
-            if not first:
-                raise DataError(path, None, None, "the file is empty", reason="empty-file")
-            if first == "[":
-                yield from self._elements(path, source)
+            elements = array_elements(path, handle)
+            try:
+                first = next(elements)
+            except StopIteration:
+                return  # []
+            if first is not NOT_AN_ARRAY:
+                for index, value, raw in itertools.chain([first], elements):
+                    yield index, _object(path, index, value, "row", bool(_SURROGATE_ESCAPE.search(raw)))
                 return
         yield from self._whole(path)  # a wrapper object, or not an array: the messages of a whole parse
-
-    @staticmethod
-    def _elements(path: str, source: _Text) -> Iterator[tuple[int, Mapping[str, Any] | DataError]]:
-        source.pos += 1  # "["
-        index = 0
-        if source.next_char() == "]":
-            source.pos += 1
-        else:
-            while True:
-                value, start = source.value()
-                index += 1
-                escaped = bool(_SURROGATE_ESCAPE.search(source.text, start, source.pos))
-                yield index, _object(path, index, value, "row", escaped)
-                after = source.next_char()
-                source.pos += 1
-                if after == "]":
-                    break
-                if after != ",":
-                    raise source.error("invalid JSON: Expecting ',' delimiter" if after else "invalid JSON: unterminated array", source.pos - 1)
-                if source.next_char() == "]":
-                    raise source.error("invalid JSON: Illegal trailing comma before end of array", source.pos)
-        if source.next_char():
-            raise source.error("invalid JSON: Extra data", source.pos)
 
     @staticmethod
     def _whole(path: str) -> Iterator[tuple[int, Mapping[str, Any] | DataError]]:
@@ -278,7 +140,7 @@ class JsonLinesReader:
                 try:
                     line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
                 except UnicodeDecodeError as exc:
-                    raise _not_utf8(path, number, raw[exc.start]) from None
+                    raise not_utf8(path, number, raw[exc.start]) from None
                 if not line.strip():
                     continue
                 seen = True
