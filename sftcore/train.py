@@ -113,12 +113,16 @@ def default_max_length_for(tokenizer: Any) -> int:
     return int(min(tokenizer.model_max_length, MAX_LENGTH_CAP))
 
 
-def format_data(host: Host, config: Mapping[str, Any], *, limit: int | None = None) -> tuple[list[Formatted], Prepared]:
-    """Read and template the rows (the first ``limit`` only, if given).
+def format_data(
+    host: Host, config: Mapping[str, Any], *, limit: int | None = None, progress: bool = False
+) -> tuple[list[Formatted], Prepared]:
+    """Read and template the rows (the first ``limit`` only, if given), with a count of rows read.
 
     Needs no model, so `sft run` does it before loading weights: a bad row in a large file
     stops the run in seconds, not after a multi-GB checkpoint has loaded.
     """
+    from tqdm.auto import tqdm
+
     reader = (
         build_stage(host, config, "reader") if config.get("reader") else pick_reader(host.registry, config["data"])
     )
@@ -126,6 +130,8 @@ def format_data(host: Host, config: Mapping[str, Any], *, limit: int | None = No
     rows = read_rows(reader, config["data"])
     if limit is not None:
         rows = itertools.islice(rows, limit)
+    # Reading a data set of millions of rows takes a while before tokenizing starts.
+    rows = tqdm(rows, desc="reading", unit="rows", disable=not progress, leave=False, mininterval=0.5)
     template = build_stage(host, config, "template")
     items = format_rows(
         template, rows, config["data"], config.get("on_bad_row", "error"), prepared, config.get("on_duplicate", "keep")
@@ -188,7 +194,7 @@ def prepare_data(host: Host, config: dict[str, Any], *, progress: bool = True, w
         data, config["max_length"] = hit
         log.info("prepared data: %d rows loaded from the cache, %s", len(data.rows), cache.entry_path(directory, key))
         return data
-    items, data = format_data(host, config)
+    items, data = format_data(host, config, progress=progress)
     tokenizer = load_tokenizer(host, config, tokenizer_source(config))
     config["max_length"] = config.get("max_length") or default_max_length_for(tokenizer)
     mask_data(host, config, items, data, tokenizer, config["max_length"], progress, workers)
