@@ -66,6 +66,20 @@ class FlatRows(Sequence):
             truncated_names=list(names),
         )
 
+    def select(self, indices: Sequence[int]) -> FlatRows:
+        """The rows at ``indices``, in that order, as flat arrays of their own."""
+        import numpy as np
+
+        index = np.asarray(indices, dtype=np.int64)
+        starts, ends = self.offsets[index], self.offsets[index + 1]
+        offsets = np.zeros(len(index) + 1, dtype=np.int64)
+        np.cumsum(ends - starts, out=offsets[1:])
+        spans = np.concatenate([np.arange(a, b) for a, b in zip(starts, ends)]) if len(index) else np.zeros(0, np.int64)
+        return FlatRows(
+            self.input_ids[spans], self.labels[spans], offsets, self.source[index], self.truncated[index],
+            self.truncated_names,
+        )
+
     def __len__(self) -> int:
         return len(self.offsets) - 1
 

@@ -141,9 +141,10 @@ def clear(output: Path) -> None:
         log.info("--overwrite: removed %s from %s", ", ".join(p.name for p in removed), output)
 
 
-def logged_losses(checkpoint: Path | None) -> list[tuple[int, float]]:
-    """``(step, loss)`` as logged up to ``checkpoint`` (its trainer_state.json), so a resumed curve is whole."""
+def logged_losses(checkpoint: Path | None, key: str = "loss") -> list[tuple[int, float]]:
+    """``(step, value)`` of ``key`` (``loss``, ``eval_loss``) as logged up to ``checkpoint`` (its
+    trainer_state.json), so a resumed curve is whole."""
     if checkpoint is None:
         return []
     history = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8")).get("log_history", [])
-    return [(int(entry["step"]), float(entry["loss"])) for entry in history if "loss" in entry and "step" in entry]
+    return [(int(entry["step"]), float(entry[key])) for entry in history if key in entry and "step" in entry]

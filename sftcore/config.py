@@ -4,6 +4,7 @@ Shape (every key optional; `sft run` with none trains the bundled demo)::
 
     model: path/to/checkpoint
     data: train.jsonl
+    eval_data: null              # held-out rows, same format; or eval_split: 0.05 (a fraction of data)
     output: runs/my-run
     max_length: 1024
     on_bad_row: error            # or skip
@@ -38,7 +39,10 @@ from sftcore.catalogue import load_catalogue
 from sftcore.errors import UsageError
 from sftcore.registry import STAGES, Registry, _accepts, _describe, option_problems, unknown_message
 
-TOP_KEYS = {"model", "data", "output", "max_length", "on_bad_row", "on_duplicate", "cache_dir", "training", *STAGES}
+TOP_KEYS = {
+    "model", "data", "eval_data", "eval_split", "output", "max_length", "on_bad_row", "on_duplicate", "cache_dir",
+    "training", *STAGES,
+}
 # Options the host supplies itself, so a factory may require them without the user passing them.
 HOST_OPTIONS = {"collator": {"pad_token_id", "attn_implementation"}}
 
@@ -150,13 +154,15 @@ def problems(config: Mapping[str, Any], registry: Registry, *, check_files: bool
             found.append(f"unknown key '{key}'.{hint}")
     if bool(config.get("model")) != bool(config.get("data")):
         found.append("give both --model and --data (or neither, to train the bundled demo)")
-    for key in ("model", "data", "output"):
+    for key in ("model", "data", "eval_data", "output"):
         if config.get(key) is not None and not isinstance(config[key], str):
             found.append(f"{key} must be a path, got {config[key]!r}")
+    found += eval_problems(config)
     if check_files:
-        data = config.get("data") if isinstance(config.get("data"), str) else None
-        if data and not Path(data).is_file():
-            found.append(f"data file not found: {data}")
+        for key in ("data", "eval_data"):
+            data = config.get(key) if isinstance(config.get(key), str) else None
+            if data and not Path(data).is_file():
+                found.append(f"{key.replace('_', ' ')} file not found: {data}")
         model = config.get("model") if isinstance(config.get("model"), str) else None
         if model and not str(model).startswith("builtin:") and not Path(model).is_dir():
             found.append(f"model directory not found: {model}")
@@ -195,6 +201,22 @@ def problems(config: Mapping[str, Any], registry: Registry, *, check_files: bool
     else:
         found.append(f"training must be a mapping of TrainingArguments fields, got {type(training).__name__}")
     return found
+
+
+def eval_problems(config: Mapping[str, Any]) -> list[str]:
+    split = config.get("eval_split")
+    if split is None:
+        return []
+    if config.get("eval_data") is not None:
+        return ["give eval_data (a file of held-out rows) or eval_split (a fraction of data), not both"]
+    if isinstance(split, bool) or not isinstance(split, (int, float)) or not 0 < split < 1:
+        return [f"eval_split must be a fraction of the rows between 0 and 1, like 0.05; got {split!r}"]
+    return []
+
+
+def evaluates(config: Mapping[str, Any]) -> bool:
+    """Whether the run holds rows out to measure the loss on (eval_data or eval_split)."""
+    return config.get("eval_data") is not None or config.get("eval_split") is not None
 
 
 def training_problems(training: Mapping[str, Any]) -> list[str]:

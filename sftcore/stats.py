@@ -33,14 +33,17 @@ class BatchCounter:
 @dataclass
 class LossCurve:
     points: list[tuple[int, float]] = field(default_factory=list)
+    eval_points: list[tuple[int, float]] = field(default_factory=list)  # held-out loss, when there is eval data
+    eval_seconds: float = 0.0  # time spent evaluating inside the training loop
 
     def write(self, directory: Path) -> list[Path]:
-        """``loss.csv`` always; ``loss.png`` when matplotlib is installed (``sftcore[plot]``)."""
+        """``loss.csv`` always, ``eval_loss.csv`` with eval points; ``loss.png`` when matplotlib is
+        installed (``sftcore[plot]``)."""
         written = [directory / "loss.csv"]
-        with open(written[0], "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["step", "loss"])
-            writer.writerows(self.points)
+        _write_csv(written[0], "loss", self.points)
+        if self.eval_points:
+            written.append(directory / "eval_loss.csv")
+            _write_csv(written[-1], "eval_loss", self.eval_points)
         try:
             import matplotlib
 
@@ -49,12 +52,22 @@ class LossCurve:
         except ImportError:
             return written
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.plot([p[0] for p in self.points], [p[1] for p in self.points])
+        ax.plot([p[0] for p in self.points], [p[1] for p in self.points], label="training")
+        if self.eval_points:
+            ax.plot([p[0] for p in self.eval_points], [p[1] for p in self.eval_points], "o-", label="held out")
+            ax.legend()
         ax.set_xlabel("step")
-        ax.set_ylabel("training loss")
+        ax.set_ylabel("loss")
         ax.grid(alpha=0.3)
         fig.tight_layout()
         fig.savefig(directory / "loss.png", dpi=100)
         plt.close(fig)
         written.append(directory / "loss.png")
         return written
+
+
+def _write_csv(path: Path, column: str, points: list[tuple[int, float]]) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["step", column])
+        writer.writerows(points)

@@ -43,6 +43,9 @@ class Summary:
     seconds: float
     files: list[str] = field(default_factory=list)
     duplicates: int = 0
+    eval_rows: int = 0
+    first_eval_loss: float | None = None
+    last_eval_loss: float | None = None
 
     def lines(self) -> list[str]:
         first = "n/a" if self.first_loss is None else f"{self.first_loss:.4f}"
@@ -55,8 +58,16 @@ class Summary:
             f"({self.supervised_tokens / max(self.tokens, 1):.0%}); padding {self.padding_fraction:.1%} of batch positions",
             f"speed: {self.tokens_per_second:,.0f} real tokens/s over {self.steps} steps in {self.seconds:.1f}s",
             f"loss: first {first}, last {last}",
+            *(
+                [f"held-out loss ({self.eval_rows} rows): first {_four(self.first_eval_loss)}, last {_four(self.last_eval_loss)}"]
+                if self.eval_rows else []
+            ),
             f"saved to {self.output}",
         ]
+
+
+def _four(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 def reasons(counts: Mapping[str, int]) -> str:
@@ -268,8 +279,39 @@ def run(
     # The main process prepares and caches; the others wait for it, then read its cache.
     with args.main_process_first(desc="preparing data"):
         data = prepare_data(host, config, progress=progress)
+        held_out = eval_rows(host, config, data, progress)
     with transformers_bars(progress), builtin_model_threads(config):
-        return fit(host, config, data, args, started, progress, checkpoint)
+        return fit(host, config, data, args, started, progress, checkpoint, held_out)
+
+
+def eval_rows(host: Host, config: dict[str, Any], data: Prepared, progress: bool) -> Any:
+    """The held-out rows: ``eval_data`` prepared like the training data (same components and
+    max_length), or an ``eval_split`` fraction of ``data``'s rows, drawn with the run's seed and
+    taken out of ``data``; None without either."""
+    if config.get("eval_data") is not None:
+        held_out = prepare_data(host, {**config, "data": config["eval_data"]}, progress=progress)
+        if not held_out.rows:
+            raise SftError(f"{config['eval_data']}: no row left to evaluate on ({held_out.rows_read} read)")
+        log.info("eval data: %d rows from %s", len(held_out.rows), config["eval_data"])
+        return held_out.rows
+    if config.get("eval_split") is None:
+        return None
+    import numpy as np
+
+    from sftcore import cache
+
+    count = len(data.rows)
+    held = round(count * config["eval_split"])
+    if not 0 < held < count:
+        raise SftError(
+            f"eval_split {config['eval_split']} of {count} rows leaves {held} to evaluate on and {count - held} to train on; "
+            "both need at least one"
+        )
+    order = np.random.default_rng(config["training"].get("seed", 0)).permutation(count)
+    rows = cache.flatten(data).rows
+    data.rows = rows.select(np.sort(order[held:]))
+    log.info("eval split: %d of %d rows held out (eval_split %s)", held, count, config["eval_split"])
+    return rows.select(np.sort(order[:held]))
 
 
 def padding_free(host: Host, config: Mapping[str, Any]) -> bool:
@@ -280,7 +322,7 @@ def padding_free(host: Host, config: Mapping[str, Any]) -> bool:
 
 def fit(
     host: Host, config: dict[str, Any], data: Prepared, args: Any, started: float, progress: bool,
-    checkpoint: Path | None = None,
+    checkpoint: Path | None = None, held_out: Any = None,
 ) -> Summary:
     """Load the model, train on the prepared rows (from ``checkpoint`` on, if given), save (files: the main process only)."""
     from sftcore.checkpoints import logged_losses
@@ -303,8 +345,9 @@ def fit(
             attn_implementation=getattr(model.config, "_attn_implementation", None),
         )
     )
-    curve = LossCurve(logged_losses(checkpoint))  # a resumed run's curve starts where the first one began
-    trainer = build_trainer(host, config, model, tokenizer, data, collator, curve, args, progress)
+    # A resumed run's curves start where the first one's began.
+    curve = LossCurve(logged_losses(checkpoint), logged_losses(checkpoint, "eval_loss"))
+    trainer = build_trainer(host, config, model, tokenizer, data, collator, curve, args, progress, held_out)
     stop = StopOnSignal()
     trainer.add_callback(MarkComplete())
     trainer.add_callback(NoFinalCheckpoint())
@@ -333,13 +376,17 @@ def fit(
         tokens=data.tokens,
         supervised_tokens=data.supervised_tokens,
         padding_fraction=collator.padding_fraction,
-        tokens_per_second=collator.real_tokens / max(result.metrics.get("train_runtime", seconds), 1e-9),
+        # Evaluation runs inside the training loop; its time is not training's.
+        tokens_per_second=collator.real_tokens / max(result.metrics.get("train_runtime", seconds) - curve.eval_seconds, 1e-9),
         steps=int(result.global_step),
         first_loss=curve.points[0][1] if curve.points else None,
         last_loss=curve.points[-1][1] if curve.points else None,
         seconds=seconds,
         files=files,
         duplicates=data.duplicates,
+        eval_rows=len(held_out) if held_out is not None else 0,
+        first_eval_loss=curve.eval_points[0][1] if curve.eval_points else None,
+        last_eval_loss=curve.eval_points[-1][1] if curve.eval_points else None,
     )
     if main:
         (output / SUMMARY_FILE).write_text(json.dumps(asdict(summary), indent=2) + "\n")
@@ -372,10 +419,13 @@ def training_arguments(config: Mapping[str, Any], output: str) -> Any:
         # Without CUDA, accelerate sets up CPU processes (gloo) only when told to use the CPU.
         "use_cpu": distributed.launched() and not torch.cuda.is_available(),
     }
+    if cfg.evaluates(config):  # the held-out loss after every epoch, in batches like training's
+        defaults["eval_strategy"] = "epoch"
+        defaults["per_device_eval_batch_size"] = config["training"].get("per_device_train_batch_size", 8)
     return TrainingArguments(**{**defaults, **config["training"]})
 
 
-def build_trainer(host, config, model, tokenizer, data, collator, curve, args, progress=True):
+def build_trainer(host, config, model, tokenizer, data, collator, curve, args, progress=True, held_out=None):
     from tqdm.auto import tqdm
     from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -397,6 +447,9 @@ def build_trainer(host, config, model, tokenizer, data, collator, curve, args, p
             if logs and "loss" in logs:
                 curve.points.append((state.global_step, float(logs["loss"])))
                 self.bar.set_postfix(loss=f"{float(logs['loss']):.4f}", refresh=False)
+            if logs and "eval_loss" in logs:
+                curve.eval_points.append((state.global_step, float(logs["eval_loss"])))
+                curve.eval_seconds += float(logs.get("eval_runtime", 0.0))
 
         def on_train_end(self, args, state, control, **kwargs):
             self.bar.close()
@@ -408,6 +461,7 @@ def build_trainer(host, config, model, tokenizer, data, collator, curve, args, p
         model=model,
         args=args,
         train_dataset=data.rows,
+        eval_dataset=held_out,
         data_collator=collator,
         processing_class=tokenizer,
         callbacks=callbacks,

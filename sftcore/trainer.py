@@ -104,6 +104,16 @@ def trainer_class() -> type:
             keep_own_sharding(prepared, sampler)
             return prepared
 
+        def get_eval_dataloader(self, eval_dataset: Any = None) -> Any:
+            # Held-out batches are collated by the collator itself, not through the run's
+            # BatchCounter: the summary's tokens/s and padding count training batches only.
+            counting = self.data_collator
+            self.data_collator = getattr(counting, "collator", counting)
+            try:
+                return super().get_eval_dataloader(eval_dataset)
+            finally:
+                self.data_collator = counting
+
         def _issue_warnings_after_load(self, load_result: Any) -> None:
             # A checkpoint stores a tied weight once (the embeddings, not lm_head); resuming
             # would otherwise warn of a "missing" lm_head.weight on every tied model.

@@ -31,7 +31,7 @@ FLAG_TO_TRAINING = {
 def config_from_cli(config_file: str | None, values: dict, sets: tuple[str, ...]) -> dict:
     """The YAML config (if any) with command-line flags laid over it."""
     config = cfg.load_yaml(config_file) if config_file else {}
-    for key in ("model", "data", "output", "max_length", "on_bad_row", "on_duplicate", "cache_dir"):
+    for key in ("model", "data", "eval_data", "eval_split", "output", "max_length", "on_bad_row", "on_duplicate", "cache_dir"):
         if values.get(key) is not None:
             config[key] = values[key]
     for stage in STAGES:
@@ -50,6 +50,8 @@ def config_from_cli(config_file: str | None, values: dict, sets: tuple[str, ...]
 @click.command("run")
 @click.option("--model", type=click.Path(), help="Checkpoint directory to fine-tune.")
 @click.option("--data", type=click.Path(), help="Training data: .json array or .jsonl.")
+@click.option("--eval-data", type=click.Path(), help="Held-out rows (same format): their loss after each epoch.")
+@click.option("--eval-split", type=float, metavar="FRACTION", help="Hold out this fraction of --data instead (e.g. 0.05).")
 @click.option("--output", type=click.Path(), help="Output directory (default: sft-runs/<name>-<time>).")
 @click.option("--config", "config_file", type=click.Path(), help="YAML run config; flags override it.")
 @stage_options
