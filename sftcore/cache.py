@@ -33,7 +33,7 @@ FORMAT = 1  # bump when the file layout or what a key covers changes
 # Weights never shape tokenization, and hashing gigabytes would cost more than tokenizing.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".npz", ".npy")
 # sftcore's own modules that decide what a masked row holds, besides the components' modules.
-OWN_MODULES = ("sftcore.pipeline", "sftcore.tokens", "sftcore.cache", "sftcore.jsonstream")
+OWN_MODULES = ("sftcore.pipeline", "sftcore.dataprep", "sftcore.tokens", "sftcore.cache", "sftcore.jsonstream")
 STALE_TEMP_SECONDS = 3600
 
 

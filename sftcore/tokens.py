@@ -8,7 +8,6 @@ can never smuggle in a second EOS.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from typing import Any
 

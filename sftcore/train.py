@@ -1,9 +1,7 @@
-"""One run loop for every combination of components: load, prepare, train, save, summarise."""
+"""One run loop for every combination of components: prepare (`sftcore.dataprep`), load, train, save, summarise."""
 
 from __future__ import annotations
 
-import inspect
-import itertools
 import json
 import logging
 import time
@@ -17,7 +15,8 @@ from sftcore import config as cfg
 from sftcore import distributed
 from sftcore.errors import SftError, UsageError
 from sftcore.manager import Host
-from sftcore.pipeline import Formatted, Prepared, format_rows, mask_rows, pick_reader, read_rows
+from sftcore.dataprep import BUILTIN_MODEL, build_stage, eval_rows, model_path, prepare_data
+from sftcore.pipeline import Prepared
 from sftcore.stats import BatchCounter, LossCurve
 
 log = logging.getLogger("sftcore.run")
@@ -73,147 +72,6 @@ def _four(value: float | None) -> str:
 def reasons(counts: Mapping[str, int]) -> str:
     """Counts by reason as the summary prints them: ``bad-json 1, too-long 2`` (or ``none``)."""
     return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"
-
-
-def build_stage(host: Host, config: Mapping[str, Any], stage: str, **host_options: Any) -> Any:
-    """Build a configured component, adding the host-provided options its factory accepts."""
-    name, options = config[stage]["name"], dict(config[stage]["options"])
-    factory = host.registry.get(stage, name).factory
-    try:
-        params = inspect.signature(factory).parameters
-        takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
-    except (TypeError, ValueError):
-        params, takes_any = {}, False
-    for key, value in host_options.items():
-        if key not in options and (key in params or takes_any):
-            options[key] = value
-    try:
-        return host.registry.build(stage, name, options)
-    except SftError:
-        raise
-    except (TypeError, ValueError) as exc:
-        raise SftError(f"{stage} '{name}' rejected its options: {exc}") from None
-
-
-BUILTIN_MODEL = "builtin:tiny-llama"
-
-
-def model_path(config: Mapping[str, Any]) -> str:
-    model = str(config["model"])
-    if model == BUILTIN_MODEL:
-        from sftcore.assets import tiny_model
-
-        return str(tiny_model(seed=int(config["training"].get("seed", 0))))
-    return model
-
-
-def tokenizer_source(config: Mapping[str, Any]) -> str:
-    """Where the run's tokenizer is; the built-in model's ships with sftcore, so no weights are made."""
-    if str(config["model"]) == BUILTIN_MODEL:
-        from sftcore.assets import TINY_LLAMA
-
-        return str(TINY_LLAMA)
-    return str(config["model"])
-
-
-MAX_LENGTH_CAP = 2048
-
-
-def default_max_length_for(tokenizer: Any) -> int:
-    """The model's length, capped: a loader sets the tokenizer's model_max_length to the model's."""
-    return int(min(tokenizer.model_max_length, MAX_LENGTH_CAP))
-
-
-def format_data(
-    host: Host, config: Mapping[str, Any], *, limit: int | None = None, progress: bool = False
-) -> tuple[list[Formatted], Prepared]:
-    """Read and template the rows (the first ``limit`` only, if given), with a count of rows read.
-
-    Needs no model, so `sft run` does it before loading weights: a bad row in a large file
-    stops the run in seconds, not after a multi-GB checkpoint has loaded.
-    """
-    from tqdm.auto import tqdm
-
-    reader = (
-        build_stage(host, config, "reader") if config.get("reader") else pick_reader(host.registry, config["data"])
-    )
-    prepared = Prepared()
-    rows = read_rows(reader, config["data"])
-    if limit is not None:
-        rows = itertools.islice(rows, limit)
-    # Reading a data set of millions of rows takes a while before tokenizing starts.
-    rows = tqdm(rows, desc="reading", unit="rows", disable=not progress, leave=False, mininterval=0.5)
-    template = build_stage(host, config, "template")
-    items = format_rows(
-        template, rows, config["data"], config.get("on_bad_row", "error"), prepared, config.get("on_duplicate", "keep")
-    )
-    return items, prepared
-
-
-def mask_data(
-    host: Host, config: Mapping[str, Any], items: list[Formatted], prepared: Prepared, tokenizer: Any,
-    max_length: int, progress: bool = True, workers: int = 1,
-) -> Prepared:
-    """Tokenize and mask formatted rows into ``prepared`` (in ``workers`` processes when above 1)."""
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=len(items), desc="tokenizing", unit="rows", disable=not progress, leave=False)
-    try:
-        mask_rows(build_stage(host, config, "masker"), items, tokenizer, max_length, prepared, bar.update, workers)
-    finally:
-        bar.close()
-    return prepared
-
-
-def load_tokenizer(host: Host, config: Mapping[str, Any], path: str) -> Any:
-    """The tokenizer as the configured loader prepares it, without loading weights."""
-    loader = build_stage(host, config, "loader")
-    if hasattr(loader, "load_tokenizer"):
-        return loader.load_tokenizer(path)
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)
-
-
-def cache_directory(config: Mapping[str, Any]) -> Path | None:
-    """Where prepared data is cached: ``cache_dir``, else the sftcore cache; None when ``cache_dir: false``."""
-    value = config.get("cache_dir")
-    if value is False:
-        return None
-    if value:
-        return Path(value)
-    from sftcore.assets import cache_dir
-
-    return cache_dir() / "prepared"
-
-
-def prepare_data(host: Host, config: dict[str, Any], *, progress: bool = True, workers: int = 1) -> Prepared:
-    """The run's masked rows: loaded from the prepared-data cache, or read, templated, masked and stored.
-
-    Needs the tokenizer only, never the weights, and not even that for a bad row, which stops
-    the run first. ``config`` gets the resolved max_length.
-    """
-    from sftcore import cache
-
-    directory, key = cache_directory(config), None
-    if directory is not None:
-        try:
-            key = cache.make_key(cache.key_parts(host, config, tokenizer_source(config)))
-        except OSError:  # an unreadable data file: format_data reports it
-            key = None
-    if key is not None and (hit := cache.load(directory, key)) is not None:
-        data, config["max_length"] = hit
-        log.info("prepared data: %d rows loaded from the cache, %s", len(data.rows), cache.entry_path(directory, key))
-        return data
-    items, data = format_data(host, config, progress=progress)
-    tokenizer = load_tokenizer(host, config, tokenizer_source(config))
-    config["max_length"] = config.get("max_length") or default_max_length_for(tokenizer)
-    mask_data(host, config, items, data, tokenizer, config["max_length"], progress, workers)
-    cache.flatten(data)
-    if key is not None:
-        path = cache.store(directory, key, data, config["max_length"])
-        log.info("prepared data: %d rows tokenized and cached, %s", len(data.rows), path)
-    return data
 
 
 @contextmanager
@@ -282,36 +140,6 @@ def run(
         held_out = eval_rows(host, config, data, progress)
     with transformers_bars(progress), builtin_model_threads(config):
         return fit(host, config, data, args, started, progress, checkpoint, held_out)
-
-
-def eval_rows(host: Host, config: dict[str, Any], data: Prepared, progress: bool) -> Any:
-    """The held-out rows: ``eval_data`` prepared like the training data (same components and
-    max_length), or an ``eval_split`` fraction of ``data``'s rows, drawn with the run's seed and
-    taken out of ``data``; None without either."""
-    if config.get("eval_data") is not None:
-        held_out = prepare_data(host, {**config, "data": config["eval_data"]}, progress=progress)
-        if not held_out.rows:
-            raise SftError(f"{config['eval_data']}: no row left to evaluate on ({held_out.rows_read} read)")
-        log.info("eval data: %d rows from %s", len(held_out.rows), config["eval_data"])
-        return held_out.rows
-    if config.get("eval_split") is None:
-        return None
-    import numpy as np
-
-    from sftcore import cache
-
-    count = len(data.rows)
-    held = round(count * config["eval_split"])
-    if not 0 < held < count:
-        raise SftError(
-            f"eval_split {config['eval_split']} of {count} rows leaves {held} to evaluate on and {count - held} to train on; "
-            "both need at least one"
-        )
-    order = np.random.default_rng(config["training"].get("seed", 0)).permutation(count)
-    rows = cache.flatten(data).rows
-    data.rows = rows.select(np.sort(order[held:]))
-    log.info("eval split: %d of %d rows held out (eval_split %s)", held, count, config["eval_split"])
-    return rows.select(np.sort(order[:held]))
 
 
 def padding_free(host: Host, config: Mapping[str, Any]) -> bool:

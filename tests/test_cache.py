@@ -16,7 +16,7 @@ from sftcore.assets import DEMO_DATA, TINY_LLAMA
 from sftcore.cache import FlatRows, entry_path, key_parts, load, make_key
 from sftcore.errors import FieldError, RowDropped
 from sftcore.tokens import _backend_encode, encode_texts
-from sftcore.train import build_stage, load_tokenizer, prepare_data
+from sftcore.dataprep import build_stage, load_tokenizer, prepare_data
 from sftcore_plugins.flash import FlashLoader
 
 EDGE_ROWS = [

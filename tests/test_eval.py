@@ -12,7 +12,7 @@ from cli_runs import ROWS, sft, write_jsonl
 
 from sftcore.cache import FlatRows
 from sftcore.pipeline import Prepared
-from sftcore.train import eval_rows
+from sftcore.dataprep import eval_rows
 
 TRAIN = [dict(row, instruction=f"{row['instruction']} ({i})") for i in range(4) for row in ROWS]  # 24 rows
 HELD_OUT = ROWS[:4]

@@ -13,7 +13,7 @@ from sftcore.errors import UsageError
 
 
 def prompt_for(host, run_config: dict, row: dict) -> str:
-    from sftcore.train import build_stage
+    from sftcore.dataprep import build_stage
 
     template = build_stage(host, run_config, "template")
     try:

@@ -33,7 +33,7 @@ def command(ctx: click.Context, config_file, tokenizer_path, limit, as_json, **v
 
     With no --model and no --data (and no config naming them): the bundled demo, as `sft run`.
     """
-    from sftcore.train import default_max_length_for, format_data, load_tokenizer, mask_data, tokenizer_source
+    from sftcore.dataprep import default_max_length_for, format_data, load_tokenizer, mask_data, tokenizer_source
 
     host, config = data_config(ctx, config_file, tokenizer_path, values)
     tokenizer = load_tokenizer(host, config, tokenizer_source(config))
