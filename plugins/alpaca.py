@@ -40,9 +40,8 @@ class AlpacaTemplate:
         return f"{HEAD_NO_INPUT}### Instruction:\n{instruction}\n\n### {self.marker}:\n"
 
     def format(self, example: Mapping[str, Any]) -> tuple[str, str]:
-        output_field = self.fields[2]
-        response = _text(example, output_field, required=True).strip()
-        return self.format_prompt(example), response
+        prompt = self.format_prompt(example)  # the fields in reading order: a row missing all names instruction
+        return prompt, _text(example, self.fields[2], required=True).strip()
 
 
 def _text(example: Mapping[str, Any], field: str, *, required: bool) -> str:

@@ -89,6 +89,9 @@ def test_format_prompt_equals_the_training_prompt(template, row):
         ({"instruction": "a", "output": " \n"}, "output", "empty-field", "is empty"),
         ({"instruction": "a", "output": ["x"]}, "output", "wrong-type", "must be a string, got list"),
         ({"instruction": "a", "input": 7, "output": "x"}, "input", "wrong-type", "must be a string, got int"),
+        ({}, "instruction", "missing-field", "is missing"),  # fields in reading order
+        ({"input": 7}, "instruction", "missing-field", "is missing"),
+        ({"instruction": "a", "input": 7}, "input", "wrong-type", "must be a string, got int"),
     ],
 )
 def test_field_errors(row, field, reason, message):
