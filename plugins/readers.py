@@ -10,6 +10,7 @@ Lines is read a line at a time, a JSON array an element at a time from blocks of
 
 from __future__ import annotations
 
+import codecs
 import itertools
 import json
 import re
@@ -37,10 +38,15 @@ def _read_text(path: str) -> str:
             raw = handle.read()
         except OSError as exc:
             raise DataError(path, None, None, f"cannot read file: {exc.strerror or exc}", reason="unreadable") from None
+    return _decode(path, raw.removeprefix(codecs.BOM_UTF8), 0)
+
+
+def _decode(path: str, raw: bytes, lines_before: int) -> str:
+    """UTF-8 text of ``raw`` (a BOM already dropped, so offsets are ``raw``'s), or the error's line and byte."""
     try:
-        return raw.decode("utf-8-sig")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise not_utf8(path, raw[: exc.start].count(b"\n") + 1, raw[exc.start]) from None
+        raise not_utf8(path, lines_before + raw[: exc.start].count(b"\n") + 1, raw[exc.start]) from None
 
 
 def _parse(text: str) -> tuple[Any, str | None, int | None]:
@@ -137,10 +143,7 @@ class JsonLinesReader:
         with _open(path) as handle:
             # Split on b"\n" only: str.splitlines() would also break a row at a U+2028 inside a string.
             for number, raw in enumerate(handle, start=1):
-                try:
-                    line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
-                except UnicodeDecodeError as exc:
-                    raise not_utf8(path, number, raw[exc.start]) from None
+                line = _decode(path, raw.removeprefix(codecs.BOM_UTF8) if number == 1 else raw, number - 1)
                 if not line.strip():
                     continue
                 seen = True

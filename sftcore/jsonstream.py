@@ -105,7 +105,13 @@ class _Text:
         start = self.pos
         while True:
             try:
-                value, self.pos = _DECODER.raw_decode(self.text, start)
+                value, end = _DECODER.raw_decode(self.text, start)
+                # A number near the text's end may go on in the next block: "12" of "12345",
+                # "-1.5" of "-1.5e3". Nothing else JSON holds can parse whole and be cut short.
+                number = isinstance(value, (int, float)) and not isinstance(value, bool)
+                if number and len(self.text) - end <= _LOOKAHEAD and self.more():
+                    continue
+                self.pos = end
                 return value, start
             except json.JSONDecodeError as exc:
                 if self.eof or not _maybe_cut_short(exc, len(self.text)):

@@ -231,3 +231,45 @@ def test_a_syntax_error_early_in_a_large_json_array_is_reported_without_reading_
         tracemalloc.stop()
     assert (info.value.reason, info.value.row) == ("bad-json", 3)
     assert peak < 64 * 4096, f"peak {peak} bytes: the file was read on past the error"
+
+
+JSON_VALUE = st.recursive(
+    st.one_of(st.booleans(), st.none(), st.integers(), st.floats(allow_nan=False, allow_infinity=False), TEXT),
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(TEXT, inner, max_size=3)),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(values=st.lists(JSON_VALUE, max_size=8), block=st.integers(1, 16), indent=st.sampled_from([None, 1]))
+def test_any_array_read_in_blocks_gives_the_values_of_a_whole_parse(values, block, indent):
+    """Bare numbers as elements too: "12" at a block's end must not be taken for the "12345" it starts."""
+    import io
+
+    text = json.dumps(values, indent=indent, ensure_ascii=False)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(readers, "BLOCK", block)
+        got = [value for _, value, _ in readers.array_elements("f.json", io.BytesIO(text.encode("utf-8")))]
+    assert got == json.loads(text)
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["array", "wrapped-array"])
+def test_a_bad_byte_after_a_bom_is_named_with_its_line(tmp_path, monkeypatch, wrapped):
+    monkeypatch.setattr(readers, "BLOCK", 16)  # past the first block: a wrapped array is then parsed whole
+    path = tmp_path / "bom.json"
+    rows = [json.dumps(ROWS[0]) + ",\n" for _ in range(5)] + ['{"instruction": "caf\xe9", "output": "x"}']
+    body = "[\n" + "".join(rows) + "]"
+    text = '{"train": ' + body + "}" if wrapped else body
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode("latin-1"))
+    with pytest.raises(DataError) as info:
+        read(JsonReader(), path)
+    assert (info.value.reason, info.value.row) == ("not-utf8", 7)
+    assert "(byte 0xe9)" in str(info.value)
+
+
+def test_a_bad_byte_on_the_first_line_of_json_lines_after_a_bom(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"instruction": "caf\xe9", "output": "x"}\n')
+    with pytest.raises(DataError) as info:
+        read(JsonLinesReader(), path)
+    assert (info.value.row, str(info.value).endswith("(byte 0xe9); re-save the file as UTF-8")) == (1, True)
