@@ -86,10 +86,18 @@ class StopOnSignal:
         stop = self
 
         class SaveAndStop(TrainerCallback):
+            stopping = False  # set in every process at once: requested() is agreed over all
+
             def on_step_end(self, args, state, control, **kwargs):
                 if stop.requested():
+                    self.stopping = True
                     control.should_save = True
                     control.should_training_stop = True
+                    control.should_evaluate = False  # a held-out pass would only delay the stop
+
+            def on_epoch_end(self, args, state, control, **kwargs):
+                if self.stopping:  # the Trainer ends the epoch it stops in, which may ask for evaluation
+                    control.should_evaluate = False
 
         return SaveAndStop()
 

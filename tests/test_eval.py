@@ -123,3 +123,28 @@ def test_a_split_that_leaves_nothing_on_one_side_is_refused():
 
     with pytest.raises(SftError, match="eval_split 0.1 of 3 rows leaves 0 to evaluate on and 3 to train on"):
         eval_rows(None, {"eval_split": 0.1, "training": {}}, data, progress=False)
+
+
+def test_ctrl_c_stops_without_a_held_out_pass(monkeypatch, tmp_path, tiny_model_dir, data):
+    """The Trainer ends the epoch it stops in, and that would evaluate: on a large held-out set, a
+    whole pass between Ctrl-C and the exit."""
+    from test_resume import CtrlC
+    from transformers import Trainer
+
+    train, held = data
+    passes = []
+    evaluate = Trainer.evaluate
+
+    def counted(self, *args, **kwargs):
+        passes.append(self.state.global_step)
+        return evaluate(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "evaluate", counted)
+    common = ("run", "--model", tiny_model_dir, "--data", train, "--eval-data", held, *ARGS)
+    finished = sft(monkeypatch, *common, "--output", tmp_path / "whole")
+    assert finished.exit_code == 0 and passes == [6, 12], (passes, finished.output)
+    passes.clear()
+    stopped = sft(monkeypatch, *common, "--output", tmp_path / "stopped", extra={"ctrl_c": CtrlC(3)})
+    assert stopped.exit_code == 130, stopped.output
+    assert passes == []
+    assert (tmp_path / "stopped" / "checkpoint-3").is_dir()
