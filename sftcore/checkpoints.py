@@ -113,10 +113,13 @@ def check_output(output: Path, config: Mapping[str, Any], *, resume: bool, overw
         what = "; ".join(changed[:4]) + (f"; and {len(changed) - 4} more" if len(changed) > 4 else "")
         verb = "--resume needs the config it was started with" if resume else "choose another --output"
         raise UsageError(f"output {output} holds a run with another config ({what}); {verb}, or pass --overwrite to replace it")
+    if (output / SUMMARY_FILE).is_file():  # written once a run has trained to its end
+        what = "--resume: nothing is left to train" if resume else "choose another --output"
+        raise UsageError(f"output {output} holds this run, finished; {what}, or pass --overwrite to train it again")
     if not resume:
         raise UsageError(
-            f"output {output} already holds this run; pass --resume to continue it from its last checkpoint, "
-            f"or --overwrite to start again"
+            f"output {output} already holds this run, stopped before its end; pass --resume to continue it from "
+            f"its last checkpoint, or --overwrite to start again"
         )
     if (config.get("training") or {}).get("save_only_model"):
         raise UsageError(

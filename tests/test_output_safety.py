@@ -12,6 +12,7 @@ from cli_runs import ROWS, forbid_model_loading, sft, write_jsonl
 from sftcore import config as cfg
 from sftcore.checkpoints import MARKER, check_output, differences
 from sftcore.errors import UsageError
+from sftcore.train import SUMMARY_FILE
 
 ARGS = ("--max-steps", "2", "--batch-size", "2", "--lr", "1e-3", "--set", "save_steps=1", "--no-progress")
 
@@ -67,13 +68,27 @@ def test_a_directory_holding_something_else_is_refused_untouched(monkeypatch, tm
 
 def test_the_same_run_again_points_to_resume_and_overwrite(monkeypatch, copy_of, tiny_model_dir, data):
     output = copy_of()
+    (output / SUMMARY_FILE).unlink()  # as a run stopped before its end leaves it
     before = listing(output)
     result = run(monkeypatch, tiny_model_dir, data, output)
     assert result.exit_code == 2
     assert result.stderr == (
-        f"Error: output {output} already holds this run; pass --resume to continue it from its last checkpoint, "
-        "or --overwrite to start again\n"
+        f"Error: output {output} already holds this run, stopped before its end; pass --resume to continue it "
+        "from its last checkpoint, or --overwrite to start again\n"
     )
+    assert listing(output) == before
+
+
+@pytest.mark.parametrize(
+    ("extra", "what"),
+    [((), "choose another --output"), (("--resume",), "--resume: nothing is left to train")],
+)
+def test_a_finished_run_is_neither_repeated_nor_resumed(monkeypatch, copy_of, tiny_model_dir, data, extra, what):
+    output = copy_of()
+    before = listing(output)
+    result = run(monkeypatch, tiny_model_dir, data, output, *extra)
+    assert result.exit_code == 2
+    assert result.stderr == f"Error: output {output} holds this run, finished; {what}, or pass --overwrite to train it again\n"
     assert listing(output) == before
 
 
@@ -102,6 +117,7 @@ def test_resume_needs_a_run_and_a_complete_checkpoint(monkeypatch, copy_of, tiny
     if prepare == "missing":
         shutil.rmtree(output)
     elif prepare == "no-checkpoint":
+        (output / SUMMARY_FILE).unlink()  # a run stopped before its end
         for checkpoint in output.glob("checkpoint-*"):
             (checkpoint / MARKER).unlink()  # as a kill during the first save leaves it
     result = run(monkeypatch, tiny_model_dir, data, output, *extra)
