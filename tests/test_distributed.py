@@ -242,3 +242,43 @@ def test_ctrl_c_on_two_processes_saves_one_checkpoint_and_exits_130(tmp_path):
 def test_a_failed_worker_is_reported_with_its_exit_code(rank, code, message, exit_code):
     failed = distributed.WorkerFailed(rank, code)
     assert (str(failed), failed.exit_code) == (message, exit_code)
+
+
+@pytest.mark.parametrize(
+    ("ending", "exit_code", "message"),
+    [
+        ("done", 0, None),
+        ("sigint", 130, None),  # the main worker already said where its checkpoint is
+        ("sigterm", 143, None),
+        ("worker-2", 2, "worker 1 exited with code 2; its messages are above"),
+        ("worker-killed", 1, "worker 1 was killed by signal 9; its messages are above"),
+    ],
+)
+def test_how_a_relaunched_run_ends_is_how_sft_exits(monkeypatch, ending, exit_code, message):
+    """`--nproc`: torchrun's agent ends in a return, a signal or a failed worker; sft exits accordingly."""
+    import signal
+
+    import torch.distributed.run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    started = []
+
+    def agent(args):
+        started.append((args.nproc_per_node, args.module, args.training_script, args.training_script_args))
+        if ending.startswith("sig"):
+            raise SignalException("got a signal", sigval=signal.SIGINT if ending == "sigint" else signal.SIGTERM)
+        if ending.startswith("worker"):
+            code = 2 if ending == "worker-2" else -9
+            raise ChildFailedError("sftcore.cli", {1: ProcessFailure(local_rank=1, pid=1, exitcode=code, error_file="")})
+
+    monkeypatch.setattr(torchrun, "run", agent)
+    monkeypatch.setattr(sys, "argv", ["sft", "run", "--nproc", "2", "--seed", "1"])
+    with pytest.raises((SystemExit, distributed.WorkerFailed)) as info:
+        distributed.relaunch(2)
+    assert started == [("2", True, "sftcore.cli", ["run", "--seed", "1"])]
+    if message is None:
+        assert isinstance(info.value, SystemExit) and info.value.code == exit_code
+    else:
+        assert isinstance(info.value, distributed.WorkerFailed)
+        assert (str(info.value), info.value.exit_code) == (message, exit_code)

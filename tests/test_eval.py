@@ -54,13 +54,17 @@ def test_held_out_rows_do_not_change_training_and_get_their_own_curve(monkeypatc
 
 
 def test_the_held_out_loss_is_the_final_models_loss_on_those_rows(monkeypatch, tmp_path, tiny_model_dir, data):
+    """The Trainer's eval_loss: each batch's loss per supervised token, averaged over the batches
+    weighted by their rows (6 held-out rows, batches of 4 and 2)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from sftcore.tokens import encode_prompts, encode_texts
     from sftcore_plugins.alpaca import AlpacaTemplate
     from sftcore_plugins.pad import PadCollator
 
-    train, held = data
+    train, _ = data
+    held_out = ROWS  # 6 rows
+    held = write_jsonl(tmp_path / "held6.jsonl", held_out)
     result = sft(
         monkeypatch, "run", "--model", tiny_model_dir, "--data", train, "--eval-data", held, "--output", tmp_path / "out", *ARGS
     )
@@ -68,15 +72,17 @@ def test_the_held_out_loss_is_the_final_models_loss_on_those_rows(monkeypatch, t
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
     rows = []
-    for row in HELD_OUT:  # masked by hand: prompt -100, response + EOS supervised
+    for row in held_out:  # masked by hand: prompt -100, response + EOS supervised
         prompt, response = AlpacaTemplate().format(row)
         ids = encode_prompts(tokenizer, [prompt])[0]
         reply = encode_texts(tokenizer, [response])[0] + [tokenizer.eos_token_id]
         rows.append({"input_ids": ids + reply, "labels": [-100] * len(ids) + reply})
+    collate = PadCollator(pad_token_id=tokenizer.pad_token_id)
     with torch.no_grad():
-        loss = model(**PadCollator(pad_token_id=tokenizer.pad_token_id)(rows)).loss.item()  # 4 rows: one eval batch
+        first, second = (model(**collate(batch)).loss.item() for batch in (rows[:4], rows[4:]))
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert summary["last_eval_loss"] == pytest.approx(loss, rel=1e-5)
+    assert summary["eval_rows"] == 6
+    assert summary["last_eval_loss"] == pytest.approx((4 * first + 2 * second) / 6, rel=1e-5)
 
 
 def test_eval_split_holds_out_a_seeded_fraction_disjoint_from_training():

@@ -237,3 +237,35 @@ def test_resuming_a_tied_model_does_not_report_its_tied_weight_missing():
     # The hook the filter overrides must still exist, or the filter is dead code.
     assert "_issue_warnings_after_load" in vars(Trainer)
     assert "_issue_warnings_after_load" in vars(trainer_class())
+
+
+@pytest.mark.parametrize(("tied", "warned"), [(True, False), (False, True)])
+def test_the_missing_weight_warning_on_a_real_load(tmp_path, tied, warned):
+    """A state dict without lm_head.weight (how a tied checkpoint stores it), loaded as the Trainer
+    loads a checkpoint: no warning for a tied model, the Trainer's own for an untied one."""
+    from transformers import AutoConfig, AutoModelForCausalLM, TrainingArguments
+    from transformers.utils import logging as hf_logging
+
+    from sftcore.assets import TINY_LLAMA
+    from sftcore.trainer import trainer_class
+
+    config = AutoConfig.from_pretrained(TINY_LLAMA)
+    config.tie_word_embeddings = tied
+    model = AutoModelForCausalLM.from_config(config)
+    state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    trainer = trainer_class()(model=model, args=args)
+    seen = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    logger = hf_logging.get_logger("transformers.trainer")
+    handler = Keep()
+    logger.addHandler(handler)
+    try:
+        trainer._issue_warnings_after_load(model.load_state_dict(state, strict=False))
+    finally:
+        logger.removeHandler(handler)
+    assert any("missing keys" in message and "lm_head.weight" in message for message in seen) == warned, seen
