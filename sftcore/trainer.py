@@ -75,10 +75,16 @@ def row_lengths(dataset: Sequence[Any]) -> list[int]:
 
 
 def keep_own_sharding(loader: Any, sampler: EpochBatches) -> None:
-    """Undo accelerate's sharding of ``sampler`` across processes: it already took this rank's share."""
+    """Undo accelerate's sharding of ``sampler`` across processes: it already took this rank's share.
+
+    The shard wrapper also gets a ``set_epoch`` that reaches ``sampler``: it has none, and a run
+    resumed mid-epoch on several processes sets the epoch only through the loader, so ``sampler``
+    would otherwise draw epoch 0's batches and skip the wrong ones.
+    """
     shard = getattr(loader, "batch_sampler", None)
     if shard is not sampler and getattr(shard, "batch_sampler", None) is sampler:
         shard.num_processes, shard.process_index = 1, 0
+        shard.set_epoch = sampler.set_epoch
 
 
 def trainer_class() -> type:

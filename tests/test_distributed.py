@@ -282,3 +282,53 @@ def test_how_a_relaunched_run_ends_is_how_sft_exits(monkeypatch, ending, exit_co
     else:
         assert isinstance(info.value, distributed.WorkerFailed)
         assert (str(info.value), info.value.exit_code) == (message, exit_code)
+
+
+@pytest.mark.slow
+def test_two_processes_resumed_mid_epoch_with_a_batch_sampler_end_as_if_never_stopped(tmp_path):
+    """The packed collator draws its own batches each epoch; a 2-process run resumed from a
+    checkpoint in the middle of its second epoch must train that epoch's remaining batches, the
+    ones an uninterrupted run trains, and end with the same losses and weights."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from sftcore.assets import tiny_model
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(DEMO_DATA.read_text().splitlines(keepends=True)[:24]))
+    env = {**os.environ, "SFT_CACHE_DIR": str(tmp_path / "cache")}
+    common = [
+        sys.executable, "-m", "sftcore.cli", "run", "--model", str(tiny_model(tmp_path / "model")), "--data", str(data),
+        "--collator", "packed", "--batch-size", "2", "--epochs", "3", "--lr", "1e-3", "--seed", "0", "--no-progress",
+        "--nproc", "2", "--set", "save_steps=1", "--set", "save_total_limit=null", "--set", "lr_scheduler_type=constant",
+        "--set", "warmup_steps=0",
+    ]
+    whole = tmp_path / "whole"
+    done = subprocess.run([*common, "--output", str(whole)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    history = json.loads((whole / "trainer_state.json").read_text())["log_history"]
+    steps = [h["step"] for h in history if "loss" in h]
+    per_epoch = next(h["step"] for h in history if "loss" in h and h["epoch"] >= 1.0)
+    middle = per_epoch + per_epoch // 2  # inside the second epoch
+    assert per_epoch < middle < 2 * per_epoch and steps[-1] == 3 * per_epoch, (per_epoch, steps)
+
+    # The same directory as a run stopped right after checkpoint `middle` leaves it.
+    stopped = tmp_path / "stopped"
+    shutil.copytree(whole, stopped)
+    for path in stopped.iterdir():
+        if path.name.startswith("checkpoint-") and int(path.name.split("-")[1]) > middle:
+            shutil.rmtree(path)
+        elif not path.name.startswith("checkpoint-") and path.name != "sft_config.yaml":
+            path.unlink()
+    done = subprocess.run([*common, "--output", str(stopped), "--resume"], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resuming from {stopped / f'checkpoint-{middle}'}" in done.stderr
+
+    resumed, uninterrupted = loss_curve(stopped), loss_curve(whole)
+    assert [s for s, _ in resumed] == [s for s, _ in uninterrupted]
+    for (step, a), (_, b) in zip(resumed, uninterrupted):
+        assert a == pytest.approx(b, rel=1e-5), (step, a, b)
+    final, expected = load_file(stopped / "model.safetensors"), load_file(whole / "model.safetensors")
+    for name, tensor in expected.items():
+        assert (final[name] - tensor).abs().max() < 1e-5, name
