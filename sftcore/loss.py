@@ -55,12 +55,19 @@ def _chunk_loss(hidden: Any, targets: Any, weight: Any, bias: Any) -> Any:
 def enable_chunked_loss(model: Any, chunk: int = 1024) -> Any:
     """Make ``model(..., labels=...)`` return the chunked loss and no logits; without labels it is unchanged.
 
-    The first call with labels checks, on a short probe, that the model's own loss is the
-    lm_head followed by cross-entropy: a model that scales or soft-caps its logits is refused
-    rather than trained on a different loss.
+    A model whose config says it transforms its logits (`logit_transform`) is refused at once;
+    the first call with labels also checks, on a short probe, that the model's own loss is the
+    lm_head followed by cross-entropy, so that an unlisted transform is refused too rather than
+    trained on a different loss.
     """
     if chunk < 1:
         raise SftError("the loss chunk must be a positive number of tokens")
+    changed = logit_transform(model.config)
+    if changed:  # the probe below could miss it: a soft cap changes nothing while logits are small
+        raise SftError(
+            f"chunked loss: {type(model).__name__} transforms its logits ({changed}) before the loss, "
+            "which the chunked loss does not; turn chunked_loss off"
+        )
     base, head = model.base_model, model.get_output_embeddings()
     if base is model or head is None:
         raise SftError(f"chunked loss: {type(model).__name__} has no separate decoder and lm_head")
@@ -92,6 +99,19 @@ def enable_chunked_loss(model: Any, chunk: int = 1024) -> Any:
 
     model.forward = forward
     return model
+
+
+def logit_transform(config: Any) -> str | None:
+    """The config setting by which a model changes its logits after the lm_head, if any
+    (Gemma's soft cap, Cohere's scale, Granite's divisor)."""
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap:
+        return f"final_logit_softcapping={cap}"
+    for name in ("logit_scale", "logits_scaling"):
+        value = getattr(config, name, None)
+        if value is not None and value != 1:
+            return f"{name}={value}"
+    return None
 
 
 def check_same_loss(model: Any, original: Any, chunked: Any, input_ids: Any) -> None:

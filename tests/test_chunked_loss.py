@@ -104,16 +104,26 @@ def test_without_labels_the_model_is_unchanged():
 
 
 def test_a_model_that_soft_caps_its_logits_is_refused():
+    """Gemma 2's real cap (30): on a fresh model's small logits it changes nothing a probe could see."""
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
     torch.manual_seed(0)
     config = Gemma2Config(
         vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=16, final_logit_softcapping=0.5, attn_implementation="eager",
+        num_key_value_heads=1, head_dim=16, final_logit_softcapping=30.0, attn_implementation="eager",
     )
-    model = enable_chunked_loss(Gemma2ForCausalLM(config), chunk=8)
-    ids = torch.randint(0, 64, (2, 12))
-    with pytest.raises(SftError, match="Gemma2ForCausalLM's own loss .* is not lm_head \\+ cross-entropy"):
+    with pytest.raises(SftError, match="Gemma2ForCausalLM transforms its logits \\(final_logit_softcapping=30.0\\)"):
+        enable_chunked_loss(Gemma2ForCausalLM(config), chunk=8)
+
+
+def test_an_unlisted_logit_transform_is_caught_by_the_probe(tiny_checkpoint):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint)
+    model.get_output_embeddings().register_forward_hook(lambda module, inputs, output: output * 3.0)
+    model = enable_chunked_loss(model, chunk=8)
+    ids = torch.randint(3, 500, (2, 12))
+    with pytest.raises(SftError, match="LlamaForCausalLM's own loss .* is not lm_head \\+ cross-entropy"):
         model(input_ids=ids, labels=ids)
 
 
