@@ -73,7 +73,7 @@ class SeparateMasker:
                 if room < len(response):
                     response = response[: max(0, room)]
                     truncated = "response"
-        if not response:
+        if not response and not (self.train_on_prompt and len(prompt) > 1):  # `full` still learns the prompt
             raise RowDropped("prompt-too-long", f"no room left for the response within max_length {max_length}")
         labels = (prompt if self.train_on_prompt else [IGNORE_INDEX] * len(prompt)) + response
         row: dict = {"input_ids": prompt + response, "labels": list(labels)}

@@ -54,7 +54,8 @@ def register_maskers(register: Register) -> None:
 
     :param register: as for ``register_templates``; ``factory(**options)`` returns a
         ``sftcore.protocols.Masker``. A masker raises ``sftcore.RowDropped(reason)`` for a row
-        that would have no supervised token; it never returns all labels ``-100``.
+        that would have no supervised token; it never returns all labels ``-100``, nor only the
+        first label supervised (the loss shifts labels by one, so that one is never predicted).
 
     Return value: ignored. Called on every plugin. Since 0.1.
     """

@@ -218,5 +218,12 @@ def check_masked(result: Mapping[str, Any], max_length: int, row: int) -> None:
         raise UsageError(f"{where}: {len(ids)} input_ids but {len(labels)} labels")
     if len(ids) > max_length:
         raise UsageError(f"{where}: {len(ids)} tokens exceed max_length {max_length}")
-    if list(labels).count(IGNORE_INDEX) == len(labels):  # all ignored; counted in C, not a Python loop
-        raise UsageError(f"{where} has no supervised token; a masker must raise RowDropped instead")
+    ignored_after_first = list(labels[1:]).count(IGNORE_INDEX)  # counted in C, not a Python loop
+    if ignored_after_first == len(labels) - 1:
+        if labels[0] == IGNORE_INDEX:
+            raise UsageError(f"{where} has no supervised token; a masker must raise RowDropped instead")
+        # The loss shifts labels by one: position 0 is never a prediction target.
+        raise UsageError(
+            f"{where} supervises only its first token, which is never predicted (labels shift by one "
+            "in the loss); a masker must raise RowDropped instead"
+        )

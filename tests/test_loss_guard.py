@@ -6,11 +6,12 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 
 import pytest
 from cli_runs import ROWS, forbid_model_loading, sft, write_jsonl
 
-from sftcore import IGNORE_INDEX, hookimpl
+from sftcore import IGNORE_INDEX, RowDropped, hookimpl
 from sftcore_plugins.pad import PadCollator
 
 MAX_LENGTH = 96
@@ -126,3 +127,32 @@ def _tokenizer():
     from sftcore.assets import TINY_LLAMA
 
     return AutoTokenizer.from_pretrained(TINY_LLAMA)
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [
+        ([-100, -100, -100], "masker output for row 4 has no supervised token; a masker must raise RowDropped instead"),
+        ([7, -100, -100], "masker output for row 4 supervises only its first token, which is never predicted"),
+    ],
+)
+def test_a_row_that_trains_nothing_is_refused(labels, message):
+    """The loss shifts labels by one: a label at position 0 is never a target, so it alone trains nothing."""
+    from sftcore.errors import UsageError
+    from sftcore.pipeline import check_masked
+
+    with pytest.raises(UsageError, match=re.escape(message)):
+        check_masked({"input_ids": [7, 8, 9], "labels": labels}, 16, 4)
+    check_masked({"input_ids": [7, 8, 9], "labels": [-100, 8, -100]}, 16, 4)  # one target: accepted
+
+
+def test_right_truncation_keeps_a_full_row_whose_prompt_fills_the_budget():
+    """`full` supervises the prompt too, so cutting the response away still leaves tokens to learn."""
+    from sftcore_plugins.masking import SeparateMasker, full_masker
+
+    tokenizer = _tokenizer()
+    prompt, response = "a long prompt " * 20, "ok"
+    row = full_masker(truncation="right")(prompt, response, tokenizer, 16)
+    assert len(row["input_ids"]) == 16 and row["labels"] == row["input_ids"] and row["truncated"] == "response"
+    with pytest.raises(RowDropped, match="no room left for the response"):
+        SeparateMasker(truncation="right")(prompt, response, tokenizer, 16)  # response-only: nothing to learn
