@@ -44,14 +44,25 @@ class SeparateMasker:
         n_prefix = len(special_affixes(tokenizer)[0])
         # Truncation keeps the prompt's end (its response marker), except `right`, which keeps its start.
         side = "head" if self.truncation == "right" else "tail"
-        prompts = [clip_text(tokenizer, p, max_length, side) for p in prompts]
-        responses = [clip_text(tokenizer, r, max_length, "head") for r in responses]
+        clipped_prompts = [clip_text(tokenizer, p, max_length, side) for p in prompts]
+        clipped_responses = [clip_text(tokenizer, r, max_length, "head") for r in responses]
         out: list[dict | RowDropped] = []
-        for p, r in zip(encode_prompts(tokenizer, prompts), encode_texts(tokenizer, responses)):
+        encoded = zip(encode_prompts(tokenizer, clipped_prompts), encode_texts(tokenizer, clipped_responses))
+        for i, (p, r) in enumerate(encoded):
+            # A clipped text is a cut text, whatever its token count: a normalizer that folds
+            # long runs (of spaces, say) could bring a clipped response under max_length, and
+            # it must still not end in EOS.
+            cut_response = len(clipped_responses[i]) < len(responses[i])
             try:
-                out.append(self._one(p, r + [eos], n_prefix, max_length))
+                row = self._one(p, r if cut_response else r + [eos], n_prefix, max_length)
             except RowDropped as dropped:
                 out.append(dropped)
+                continue
+            if cut_response:
+                row["truncated"] = "response"
+            elif len(clipped_prompts[i]) < len(prompts[i]) and "truncated" not in row:
+                row["truncated"] = "prompt"
+            out.append(row)
         return out
 
     def _one(self, prompt: list[int], response: list[int], n_prefix: int, max_length: int) -> dict:

@@ -156,3 +156,18 @@ def test_right_truncation_keeps_a_full_row_whose_prompt_fills_the_budget():
     assert len(row["input_ids"]) == 16 and row["labels"] == row["input_ids"] and row["truncated"] == "response"
     with pytest.raises(RowDropped, match="no room left for the response"):
         SeparateMasker(truncation="right")(prompt, response, tokenizer, 16)  # response-only: nothing to learn
+
+
+def test_a_clipped_response_never_ends_in_eos_even_when_it_fits(monkeypatch):
+    """clip_text cuts multi-megabyte texts before tokenizing; should a normalizer fold the cut text
+    under max_length, the row is still a cut response: no EOS, counted as truncated."""
+    from sftcore_plugins import masking
+
+    tokenizer = _tokenizer()
+    monkeypatch.setattr(masking, "clip_text", lambda tok, text, max_length, keep: text[:40] if keep == "head" else text[-40:])
+    prompt, response = "Say it.", "word " * 100
+    row = masking.SeparateMasker()(prompt, response, tokenizer, 512)
+    assert row["truncated"] == "response" and row["input_ids"][-1] != tokenizer.eos_token_id
+    assert tokenizer.eos_token_id not in row["input_ids"]
+    whole = masking.SeparateMasker()("Say it.", "word", tokenizer, 512)  # not clipped: ends in EOS
+    assert whole["input_ids"][-1] == tokenizer.eos_token_id and "truncated" not in whole
