@@ -61,17 +61,26 @@ def summed(*counts: int) -> tuple[int, ...]:
     return tuple(int(x) for x in total.tolist())
 
 
+# Seconds the communication thread gets to drop the last collectives' tensors before teardown.
+SETTLE_SECONDS = 1.0
+
+
 def finish() -> None:
     """End the process group together: every process waits for the others, then tears it down.
 
-    Left to interpreter exit, a process that finishes first can abort in its communication
-    threads' teardown ("terminate called without an active exception") while the main process
-    still writes its files.
+    gloo's communication thread drops a finished collective's tensors after the caller has its
+    result, and a tensor made in Python needs the GIL to be dropped. Torn down at once, the
+    group joins that thread while holding the GIL (a deadlock, seen once); left to interpreter
+    exit, the thread is killed mid-drop ("terminate called without an active exception", an
+    abort, seen once). So: a barrier, a pause with the GIL released, then the teardown.
     """
+    import time
+
     dist = _group()
     if dist is None:
         return
     dist.barrier()
+    time.sleep(SETTLE_SECONDS)  # sleeping releases the GIL
     dist.destroy_process_group()
 
 
