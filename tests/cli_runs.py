@@ -8,6 +8,7 @@ that need a real process.
 from __future__ import annotations
 
 import atexit
+import csv
 import functools
 import json
 import shutil
@@ -56,6 +57,12 @@ def forbid_model_loading(monkeypatch) -> None:
 
     monkeypatch.setattr(FlashLoader, "load", refuse)
     monkeypatch.setattr(FlashLoader, "load_tokenizer", refuse)
+
+
+def loss_points(output: Path, curve: str = "loss") -> list[tuple[int, float]]:
+    """``(step, value)`` of a run's ``loss.csv`` (or ``eval_loss.csv`` with ``curve="eval_loss"``)."""
+    with open(Path(output) / f"{curve}.csv", newline="") as handle:
+        return [(int(row["step"]), float(row[curve])) for row in csv.DictReader(handle)]
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

@@ -3,7 +3,6 @@ whose losses and weights match a 1-process run with the same global batch."""
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import subprocess
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import click
 import pytest
+from cli_runs import loss_points
 
 from sftcore import distributed
 from sftcore.assets import DEMO_DATA
@@ -123,11 +123,6 @@ def test_the_cli_runs_as_a_module():
     assert "--nproc" in done.stdout
 
 
-def loss_curve(directory: Path) -> list[tuple[int, float]]:
-    with open(directory / "loss.csv") as handle:
-        return [(int(row["step"]), float(row["loss"])) for row in csv.DictReader(handle)]
-
-
 def counted_tokens(directory: Path) -> float:
     """Real tokens the run's batches held, from its summary's tokens/s and the Trainer's runtime."""
     summary = json.loads((directory / "summary.json").read_text())
@@ -164,7 +159,7 @@ def test_two_gloo_processes_train_as_one_with_the_same_global_batch(tmp_path):
     )
     assert two.returncode == 0, two.stderr
 
-    single, double = loss_curve(tmp_path / "one"), loss_curve(tmp_path / "two")
+    single, double = loss_points(tmp_path / "one"), loss_points(tmp_path / "two")
     assert [s for s, _ in double] == [s for s, _ in single] == [1, 2, 3, 4]
     for (_, a), (_, b) in zip(single, double):
         assert b == pytest.approx(a, rel=1e-4)
@@ -325,7 +320,7 @@ def test_two_processes_resumed_mid_epoch_with_a_batch_sampler_end_as_if_never_st
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"resuming from {stopped / f'checkpoint-{middle}'}" in done.stderr
 
-    resumed, uninterrupted = loss_curve(stopped), loss_curve(whole)
+    resumed, uninterrupted = loss_points(stopped), loss_points(whole)
     assert [s for s, _ in resumed] == [s for s, _ in uninterrupted]
     for (step, a), (_, b) in zip(resumed, uninterrupted):
         assert a == pytest.approx(b, rel=1e-5), (step, a, b)

@@ -3,12 +3,11 @@ changing what training does or what its summary counts."""
 
 from __future__ import annotations
 
-import csv
 import json
 
 import pytest
 import torch
-from cli_runs import ROWS, sft, write_jsonl
+from cli_runs import ROWS, loss_points, sft, write_jsonl
 
 from sftcore.cache import FlatRows
 from sftcore.pipeline import Prepared
@@ -17,13 +16,6 @@ from sftcore.dataprep import eval_rows
 TRAIN = [dict(row, instruction=f"{row['instruction']} ({i})") for i in range(4) for row in ROWS]  # 24 rows
 HELD_OUT = ROWS[:4]
 ARGS = ("--batch-size", "4", "--epochs", "2", "--lr", "1e-3", "--seed", "3", "--no-progress")
-
-
-def csv_points(path) -> list[tuple[int, float]]:
-    with open(path, newline="") as handle:
-        reader = csv.reader(handle)
-        next(reader)
-        return [(int(step), float(value)) for step, value in reader]
 
 
 @pytest.fixture(scope="module")
@@ -41,13 +33,13 @@ def test_held_out_rows_do_not_change_training_and_get_their_own_curve(monkeypatc
     )
     assert judged.exit_code == 0, judged.output
     # Training is the same step for step, and its counters do not count held-out batches.
-    assert csv_points(tmp_path / "eval" / "loss.csv") == csv_points(tmp_path / "plain" / "loss.csv")
+    assert loss_points(tmp_path / "eval") == loss_points(tmp_path / "plain")
     before, after = (json.loads((tmp_path / name / "summary.json").read_text()) for name in ("plain", "eval"))
     assert after["padding_fraction"] == before["padding_fraction"] and after["tokens"] == before["tokens"]
     assert before["eval_rows"] == 0 and before["last_eval_loss"] is None
     assert not (tmp_path / "plain" / "eval_loss.csv").exists()
     # One held-out loss per epoch (6 steps each), the last one reported.
-    points = csv_points(tmp_path / "eval" / "eval_loss.csv")
+    points = loss_points(tmp_path / "eval", "eval_loss")
     assert [step for step, _ in points] == [6, 12]
     assert after["eval_rows"] == 4 and after["last_eval_loss"] == pytest.approx(points[-1][1])
     assert f"held-out loss (4 rows): first {points[0][1]:.4f}, last {points[1][1]:.4f}" in judged.stdout

@@ -3,13 +3,12 @@ make a batch without a supervised token, and the logged loss stays finite and ab
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import re
 
 import pytest
-from cli_runs import ROWS, forbid_model_loading, sft, write_jsonl
+from cli_runs import ROWS, forbid_model_loading, loss_points, sft, write_jsonl
 
 from sftcore import IGNORE_INDEX, RowDropped, hookimpl
 from sftcore_plugins.pad import PadCollator
@@ -40,11 +39,6 @@ class Recorder:
     @hookimpl
     def register_collators(self, register):
         register("recording", RecordingCollator, description="pad, recording every batch's labels")
-
-
-def losses(output) -> list[float]:
-    with open(output / "loss.csv", newline="") as handle:
-        return [float(row["loss"]) for row in csv.DictReader(handle)]
 
 
 EXPECTED = {
@@ -79,7 +73,7 @@ def test_prompts_longer_than_max_length_never_make_an_unsupervised_batch(monkeyp
         supervised_per_row = (labels != IGNORE_INDEX).sum(dim=1)
         assert (supervised_per_row > 0).all(), "every row of every batch carries at least one supervised token"
 
-    logged = losses(output)
+    logged = [loss for _, loss in loss_points(output)]
     assert len(logged) == summary["steps"]
     assert all(math.isfinite(loss) and loss > 0 for loss in logged), logged
 

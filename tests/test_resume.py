@@ -4,7 +4,6 @@ uninterrupted run with the same seed ends."""
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
@@ -15,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from cli_runs import sft, write_jsonl
+from cli_runs import loss_points, sft, write_jsonl
 
 from sftcore import hookimpl
 from sftcore.checkpoints import MARKER, newest_complete
@@ -35,16 +34,11 @@ def run_args(model, data) -> list[str]:
     ]
 
 
-def losses(output: Path) -> list[tuple[int, float]]:
-    with open(output / "loss.csv", newline="") as handle:
-        return [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(handle)]
-
-
 def assert_same_run(resumed: Path, reference: Path, resumed_from: int) -> None:
     """Same steps, the same loss at every step (after the resume point too), the same final weights."""
     from safetensors.torch import load_file
 
-    got, want = losses(resumed), losses(reference)
+    got, want = loss_points(resumed), loss_points(reference)
     assert [s for s, _ in got] == [s for s, _ in want] == list(range(1, STEPS + 1))
     after = [(g, w) for (s, g), (_, w) in zip(got, want) if s > resumed_from]
     assert len(after) == STEPS - resumed_from

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import re
 import subprocess
 
 import pytest
-from cli_runs import LONG_ROW, ROWS, SFT, forbid_model_loading, json_lines, sft, write_jsonl
+from cli_runs import LONG_ROW, ROWS, SFT, forbid_model_loading, json_lines, loss_points, sft, write_jsonl
 
 from sftcore import IGNORE_INDEX
 from sftcore.catalogue import load_catalogue
@@ -19,11 +18,6 @@ OUTPUT_FILES = (
     "trainer_state.json", "sft_config.yaml", "summary.json", "loss.csv",
 )
 TRANSFORMERS_BARS = ("Loading weights", "Writing model shards")
-
-
-def loss_points(output) -> list[tuple[int, float]]:
-    with open(output / "loss.csv", newline="") as handle:
-        return [(int(row["step"]), float(row["loss"])) for row in csv.DictReader(handle)]
 
 
 def reload(output):
