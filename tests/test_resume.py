@@ -124,6 +124,37 @@ def test_a_checkpoint_killed_while_written_is_never_resumed(monkeypatch, caplog,
     assert_same_run(output, reference, SAVE_STEPS)
 
 
+def _own_handler(signum, frame):  # never called: only its identity matters
+    raise AssertionError(f"signal {signum} reached the test's own handler")
+
+
+@pytest.fixture
+def own_signal_handlers():
+    """SIGINT and SIGTERM handled by a function of this test's own during it.
+
+    What a run must restore is whatever handler was there before it, which is not always
+    Python's default: a job started in the background (``cmd &``, nohup) starts with SIGINT
+    ignored. A handler of the test's own makes the check the same in every such shell.
+    """
+    previous = {s: signal.signal(s, _own_handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield _own_handler
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def test_the_handlers_from_before_come_back_whatever_they_were(own_signal_handlers):
+    from sftcore.interrupt import StopOnSignal
+
+    for before in (own_signal_handlers, signal.SIG_IGN):
+        signal.signal(signal.SIGINT, before)
+        with StopOnSignal().installed() as stop:
+            assert signal.getsignal(signal.SIGINT) == stop._handle
+        assert signal.getsignal(signal.SIGINT) is before
+        assert signal.getsignal(signal.SIGTERM) is own_signal_handlers
+
+
 class CtrlC:
     """Sends this process SIGINT at the end of step ``at``, ``times`` times: as if the user pressed Ctrl-C."""
 
@@ -146,7 +177,9 @@ class CtrlC:
 
 
 @pytest.mark.slow
-def test_ctrl_c_saves_a_checkpoint_exits_130_and_resumes_exactly(monkeypatch, caplog, tmp_path, tiny_model_dir, data, reference):
+def test_ctrl_c_saves_a_checkpoint_exits_130_and_resumes_exactly(
+    monkeypatch, caplog, tmp_path, tiny_model_dir, data, reference, own_signal_handlers
+):
     output = tmp_path / "out"
     stopped_at = 5  # between two scheduled checkpoints
     with caplog.at_level(logging.INFO, logger="sftcore"):
@@ -161,7 +194,8 @@ def test_ctrl_c_saves_a_checkpoint_exits_130_and_resumes_exactly(monkeypatch, ca
     for name in (MARKER, "trainer_state.json", "model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth"):
         assert (checkpoint / name).is_file(), name
     assert not (output / "model.safetensors").exists() and not (output / "summary.json").exists()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "the previous handler is back"
+    assert signal.getsignal(signal.SIGINT) is own_signal_handlers, "the previous handler is back"
+    assert signal.getsignal(signal.SIGTERM) is own_signal_handlers
 
     resume(monkeypatch, tiny_model_dir, data, output)
     assert_same_run(output, reference, stopped_at)
