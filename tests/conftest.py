@@ -7,12 +7,15 @@ No fixture loads whatever plugins happen to be installed: hosts come from
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 HERE = Path(__file__).resolve().parent
+PLUGIN_SWITCHES = ("SFT_DISABLE_PLUGINS", "SFT_STRICT_PLUGINS", "SFT_TRACE_PLUGINS")
 
 
 def _import_library(name: str):
@@ -52,14 +55,14 @@ def builtin_host(monkeypatch):
     """A host with sftcore's own plugins only, unaffected by the caller's SFT_* variables."""
     from sftcore.manager import load_host
 
-    for var in ("SFT_DISABLE_PLUGINS", "SFT_STRICT_PLUGINS", "SFT_TRACE_PLUGINS"):
+    for var in PLUGIN_SWITCHES:
         monkeypatch.delenv(var, raising=False)
     return load_host(entry_points=False)
 
 
 @pytest.fixture
 def clean_plugin_env(monkeypatch):
-    for var in ("SFT_DISABLE_PLUGINS", "SFT_STRICT_PLUGINS", "SFT_TRACE_PLUGINS"):
+    for var in PLUGIN_SWITCHES:
         monkeypatch.delenv(var, raising=False)
     return monkeypatch
 
@@ -104,3 +107,33 @@ def checkpoint_for(tmp_path_factory):
         return save_checkpoint(tokenizer, tmp_path_factory.mktemp("ckpt"), **kwargs)
 
     return make
+
+
+# Build with this interpreter's setuptools when it has one (no network needed); without it, pip
+# fetches setuptools into an isolated build environment.
+BUILD = ["--no-build-isolation", "--no-index"] if importlib.util.find_spec("setuptools") else []
+
+
+@pytest.fixture
+def install_isolated(tmp_path):
+    """``install_isolated(*projects)``: pip-installs them into a directory of their own and returns
+    an environment for subprocesses that puts it on PYTHONPATH (without the caller's plugin switches).
+
+    Never into the running environment: another `sft` command there (another test run, the
+    user's) would load these plugins meanwhile, and a run killed before it uninstalls them
+    would leave them behind. Removing tmp_path removes the installation.
+    """
+    site = tmp_path / "site"
+
+    def install(*projects: Path) -> dict[str, str]:
+        done = subprocess.run(
+            [sys.executable, "-m", "pip", "install", "--no-deps", *BUILD, "--disable-pip-version-check",
+             "--target", str(site), *map(str, projects)],
+            capture_output=True, text=True, timeout=300,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        env = {k: v for k, v in os.environ.items() if k not in PLUGIN_SWITCHES}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), env.get("PYTHONPATH")]))
+        return env
+
+    return install

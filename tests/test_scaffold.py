@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import subprocess
 import sys
@@ -73,34 +74,26 @@ def test_cli_new_refuses_a_name_a_template_has(tmp_path, plain_env):
     assert not list(tmp_path.iterdir())
 
 
-# Build with this interpreter's setuptools when it has one (no network needed); without it, pip
-# fetches setuptools into an isolated build environment.
-BUILD = ["--no-build-isolation"] if importlib.util.find_spec("setuptools") else []
+def sft_entry_points() -> set[str]:
+    from importlib.metadata import entry_points
 
-
-def pip(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True)
-
-
-@pytest.fixture
-def installed_skeleton(tmp_path):
-    """``sft-plugin-scaffoldcheck`` written and pip-installed (editable) into this interpreter; uninstalled after."""
-    target = write_skeleton("scaffoldcheck", tmp_path)
-    done = pip("install", "--no-deps", *BUILD, "-e", str(target))
-    assert done.returncode == 0, done.stdout + done.stderr
-    try:
-        yield target
-    finally:
-        pip("uninstall", "-y", "sft-plugin-scaffoldcheck")
+    importlib.invalidate_caches()
+    return {ep.name for ep in entry_points(group="sft")}
 
 
 @pytest.mark.slow
-def test_the_generated_test_passes_after_pip_install(installed_skeleton):
+def test_the_generated_test_passes_after_pip_install(tmp_path, install_isolated):
+    before = sft_entry_points()
+    target = write_skeleton("scaffoldcheck", tmp_path)
+    env = install_isolated(target)
+    # This environment is untouched: an `sft` command running in it meanwhile sees no new plugin.
+    assert "scaffoldcheck" not in sft_entry_points() and sft_entry_points() == before
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", str(installed_skeleton), "-p", "no:cacheprovider", "-q"],
+        [sys.executable, "-m", "pytest", str(target), "-p", "no:cacheprovider", "-q"],
         capture_output=True,
         text=True,
-        cwd=installed_skeleton.parent,
+        cwd=tmp_path,
+        env=env,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "3 passed" in done.stdout
