@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import csv
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger("sftcore.run")
+# What the run's log says once when it writes no loss.png: the plot is an optional extra.
+NO_PLOT = "loss.png not drawn: matplotlib is not installed (pip install 'sftcore[plot]')"
 
 
 @dataclass
@@ -50,6 +55,7 @@ class LossCurve:
             matplotlib.use("Agg")
             import matplotlib.pyplot as plt
         except ImportError:
+            log.info(NO_PLOT)
             return written
         fig, ax = plt.subplots(figsize=(6, 3.5))
         ax.plot([p[0] for p in self.points], [p[1] for p in self.points], label="training")
