@@ -44,7 +44,7 @@ TOP_KEYS = {
     "training", *STAGES,
 }
 # Options the host supplies itself, so a factory may require them without the user passing them.
-HOST_OPTIONS = {"collator": {"pad_token_id", "attn_implementation"}}
+HOST_OPTIONS = {"collator": {"pad_token_id", "attn_implementation"}, "loader": {"packing"}}
 
 TRAINING_DEFAULTS: dict[str, Any] = {
     "num_train_epochs": 3,
