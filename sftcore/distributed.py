@@ -8,14 +8,19 @@ directory), adding up per-process counters, and relaunching under torchrun.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from typing import Any, NoReturn
 
 from sftcore.errors import SftError, UsageError
 
+log = logging.getLogger("sftcore.run")
 # Set by torchrun, and so by `accelerate launch` and the DeepSpeed launcher, in every worker.
 RANK_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
+# torchrun's choice for several workers on one machine: one OpenMP thread each, so that their
+# thread pools together do not oversubscribe the cores.
+WORKER_THREADS = 1
 
 
 def launched() -> bool:
@@ -145,6 +150,18 @@ def torchrun_arguments(argv: list[str], nproc: int) -> list[str]:
     return ["--standalone", f"--nproc_per_node={nproc}", "-m", "sftcore.cli", *argv]
 
 
+def set_worker_threads(nproc: int) -> None:
+    """OMP_NUM_THREADS for the workers, as torchrun would set it, unless the user set it.
+
+    Found set, torchrun prints no banner of its own (a boxed warning on every run, whoever
+    chose the value); sftcore's log says it in one line instead.
+    """
+    if nproc > 1 and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = str(WORKER_THREADS)  # the workers inherit the agent's environment
+        log.info("OMP_NUM_THREADS=%d in each of the %d processes (torchrun's default); set it to choose another",
+                 WORKER_THREADS, nproc)
+
+
 def check_devices(nproc: int) -> None:
     """One process per GPU: NCCL refuses two processes on one device, and only after they started."""
     import torch
@@ -176,6 +193,7 @@ def relaunch(nproc: int) -> NoReturn:
                          "start it under torchrun or accelerate launch instead")
     check_devices(nproc)
     arguments = torchrun_arguments(argv, nproc)
+    set_worker_threads(nproc)
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run

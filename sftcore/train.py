@@ -246,6 +246,11 @@ def training_arguments(config: Mapping[str, Any], output: str) -> Any:
         "dataloader_pin_memory": torch.cuda.is_available(),
         # Without CUDA, accelerate sets up CPU processes (gloo) only when told to use the CPU.
         "use_cpu": distributed.launched() and not torch.cuda.is_available(),
+        # The Trainer asks DDP to search every step's graph for unused parameters unless
+        # checkpointing; a causal LM uses all of its own (transformers' MoE experts are fused
+        # tensors), so the search only costs a traversal and warns on every run. A model that
+        # leaves some unused takes --set ddp_find_unused_parameters=true.
+        "ddp_find_unused_parameters": False,
     }
     if cfg.evaluates(config):  # the held-out loss after every epoch, in batches like training's
         defaults["eval_strategy"] = "epoch"

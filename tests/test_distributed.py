@@ -18,6 +18,7 @@ from sftcore.assets import DEMO_DATA
 from sftcore.errors import UsageError
 
 SFT = str(Path(sys.executable).with_name("sft"))
+THREADS_LINE = "OMP_NUM_THREADS=1 in each of the 2 processes (torchrun's default); set it to choose another"
 
 
 @pytest.mark.parametrize(
@@ -139,7 +140,9 @@ def test_two_gloo_processes_train_as_one_with_the_same_global_batch(tmp_path):
 
     data = tmp_path / "data.jsonl"
     data.write_text("".join(DEMO_DATA.read_text().splitlines(keepends=True)[:16]))
-    env = {**os.environ, "SFT_CACHE_DIR": str(tmp_path / "cache-one")}
+    # Without OMP_NUM_THREADS, as most users start: torchrun would set it and say so at length.
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    env["SFT_CACHE_DIR"] = str(tmp_path / "cache-one")
     common = [
         "--model", str(tiny_model(tmp_path / "model")), "--data", str(data), "--max-steps", "4", "--lr", "1e-3",
         "--seed", "0", "--no-progress", "--set", "lr_scheduler_type=constant", "--set", "warmup_steps=0",
@@ -172,6 +175,10 @@ def test_two_gloo_processes_train_as_one_with_the_same_global_batch(tmp_path):
     assert two.stderr.count("parallel: 2 processes, DDP over CPU processes (gloo)") == 1
     assert "parallel:" not in one.stderr
     assert two.stderr.count("tokenized and cached") == 1
+    # No third-party noise: neither torchrun's thread banner nor DDP's unused-parameter search warning.
+    assert two.stderr.count(THREADS_LINE) == 1
+    assert "Setting OMP_NUM_THREADS" not in two.stderr
+    assert "find_unused_parameters=True" not in two.stderr
     log = two.stderr
     # Process 1 may print its "waiting" line before or after the main process starts tokenizing
     # (it can simply start later), so only each process's own order is certain.
@@ -269,6 +276,7 @@ def test_how_a_relaunched_run_ends_is_how_sft_exits(monkeypatch, ending, exit_co
 
     monkeypatch.setattr(torchrun, "run", agent)
     monkeypatch.setattr(sys, "argv", ["sft", "run", "--nproc", "2", "--seed", "1"])
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # relaunch sets it for the workers
     with pytest.raises((SystemExit, distributed.WorkerFailed)) as info:
         distributed.relaunch(2)
     assert started == [("2", True, "sftcore.cli", ["run", "--seed", "1"])]
@@ -277,6 +285,40 @@ def test_how_a_relaunched_run_ends_is_how_sft_exits(monkeypatch, ending, exit_co
     else:
         assert isinstance(info.value, distributed.WorkerFailed)
         assert (str(info.value), info.value.exit_code) == (message, exit_code)
+
+
+@pytest.mark.parametrize(("given", "seen", "said"), [(None, "1", True), ("3", "3", False)])
+def test_workers_get_torchruns_thread_count_without_its_banner(monkeypatch, caplog, given, seen, said):
+    """torchrun prints a boxed warning whenever it sets OMP_NUM_THREADS itself, that is whenever
+    the variable is unset as its agent starts; sftcore sets it first, to the value torchrun would
+    choose, and says so in one line. A value the user set is theirs."""
+    import logging
+
+    import torch.distributed.run as torchrun
+
+    at_start = []
+    monkeypatch.setattr(torchrun, "run", lambda args: at_start.append(os.environ.get("OMP_NUM_THREADS")))
+    monkeypatch.setattr(sys, "argv", ["sft", "run", "--nproc", "2"])
+    if given is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", given)
+    with caplog.at_level(logging.INFO, logger="sftcore"), pytest.raises(SystemExit):
+        distributed.relaunch(2)
+    assert at_start == [seen]
+    assert caplog.messages == ([THREADS_LINE] if said else [])
+
+
+def test_ddp_does_not_search_for_unused_parameters_unless_asked(tmp_path):
+    """The Trainer's default (search, unless checkpointing) makes DDP warn on every run that it
+    found none; a config may still ask for the search."""
+    from sftcore import config as cfg
+    from sftcore.train import training_arguments
+
+    config = cfg.effective({"model": "m", "data": "d"})
+    assert training_arguments(config, str(tmp_path)).ddp_find_unused_parameters is False
+    config["training"]["ddp_find_unused_parameters"] = True
+    assert training_arguments(config, str(tmp_path)).ddp_find_unused_parameters is True
 
 
 @pytest.mark.slow
