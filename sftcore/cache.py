@@ -5,7 +5,9 @@ masker and loader (names, options, versions, code), ``max_length`` and ``on_bad_
 the rows instead of tokenizing again. An entry is one safetensors file of flat arrays plus the
 row counts as JSON: loading it never runs code, unlike a pickle. It is written under a
 temporary name and renamed, so a killed write is never taken for a complete entry; an entry
-that does not read back whole is ignored and rebuilt.
+that does not read back whole is ignored and rebuilt. A temporary names its writer (pid and
+host), so the next use of the cache removes one whose writer is dead. A cache that cannot be
+written (read-only, full) is skipped with a warning: the run goes on without it.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import inspect
 import json
 import logging
 import os
+import re
+import socket
 import tempfile
 import time
 import zlib
@@ -34,7 +38,12 @@ FORMAT = 1  # bump when the file layout or what a key covers changes
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".npz", ".npy")
 # sftcore's own modules that decide what a masked row holds, besides the components' modules.
 OWN_MODULES = ("sftcore.pipeline", "sftcore.dataprep", "sftcore.tokens", "sftcore.cache", "sftcore.jsonstream")
+# A temporary of another machine (a shared cache) or of an older sftcore, whose writer's
+# liveness cannot be asked, is removed once this old.
 STALE_TEMP_SECONDS = 3600
+HOST = socket.gethostname()
+# ".<pid>@<host>.<mkstemp's random part>.tmp"
+_TEMPORARY = re.compile(r"\.(\d+)@(.+)\.[A-Za-z0-9_]+\.tmp")
 
 
 class FlatRows(Sequence):
@@ -139,6 +148,18 @@ def flatten(prepared: Prepared) -> Prepared:
 
 
 def file_digest(path: str | os.PathLike) -> str:
+    """The sha256 of a file's content, hashed once per process while its size and mtime stay."""
+    stat = os.stat(path)
+    stamp = (os.path.realpath(path), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    if stamp not in _digests:  # a run hashes its data file for the cache key and for the run's record
+        _digests[stamp] = _sha256(path)
+    return _digests[stamp]
+
+
+_digests: dict[tuple[str, int, int, int], str] = {}
+
+
+def _sha256(path: str | os.PathLike) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -230,8 +251,10 @@ def _checksum(arrays: Mapping[str, Any]) -> int:
     return value
 
 
-def store(directory: str | os.PathLike, key: str, prepared: Prepared, max_length: int) -> Path:
-    """Write ``prepared`` (rows flattened first) as the entry for ``key``; returns its path."""
+def store(directory: str | os.PathLike, key: str, prepared: Prepared, max_length: int) -> Path | None:
+    """Write ``prepared`` (rows flattened first) as the entry for ``key``; returns its path, or
+    None (with a warning) when the cache cannot be written."""
+    from safetensors import SafetensorError
     from safetensors.numpy import save_file
 
     rows = flatten(prepared).rows
@@ -250,22 +273,38 @@ def store(directory: str | os.PathLike, key: str, prepared: Prepared, max_length
         "checksum": _checksum(arrays),
     }
     target = entry_path(directory, key)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(target.parent)
-    handle, temporary = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=target.parent)
-    os.close(handle)
+    temporary = None
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(target.parent)
+        handle, temporary = tempfile.mkstemp(prefix=f".{os.getpid()}@{HOST}.", suffix=".tmp", dir=target.parent)
+        os.close(handle)
         save_file(arrays, temporary, metadata={"sftcore": json.dumps(meta)})
         os.replace(temporary, target)  # atomic: readers see the old entry, none, or the whole new one
+    except (OSError, SafetensorError) as exc:  # safetensors reports a full disk as its own error
+        _unlink(temporary)
+        log.warning("cannot write the prepared-data cache in %s (%s); going on without it", target.parent, _reason(exc))
+        return None
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        _unlink(temporary)
         raise
     return target
+
+
+def _unlink(path: str | None) -> None:
+    if path is not None:
+        Path(path).unlink(missing_ok=True)
+
+
+def _reason(exc: Exception) -> str:
+    return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
 
 
 def load(directory: str | os.PathLike, key: str) -> tuple[Prepared, int] | None:
     """``(prepared, max_length)`` stored for ``key``, or None when there is no whole entry."""
     path = entry_path(directory, key)
+    if path.parent.is_dir():
+        _remove_stale_temporaries(path.parent)
     if not path.is_file():
         return None
     try:
@@ -303,11 +342,27 @@ def _read(path: Path, key: str) -> tuple[Prepared, int]:
 
 
 def _remove_stale_temporaries(directory: Path) -> None:
-    """Temporaries a killed write left behind; recent ones may belong to a write in progress."""
-    cutoff = time.time() - STALE_TEMP_SECONDS
+    """Temporaries a killed write left behind, never those of a write in progress."""
     for path in directory.glob(".*.tmp"):
         try:
-            if path.stat().st_mtime < cutoff:
+            if _abandoned(path):
                 path.unlink()
-        except OSError:
-            pass
+        except OSError:  # gone already (another process removed it), or the cache is read-only
+            continue
+
+
+def _abandoned(path: Path) -> bool:
+    match = _TEMPORARY.fullmatch(path.name)
+    if match and match.group(2) == HOST:
+        return not _alive(int(match.group(1)))
+    return path.stat().st_mtime < time.time() - STALE_TEMP_SECONDS
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

@@ -4,37 +4,57 @@ The Trainer writes ``checkpoint-N`` in place, file by file, so a process killed 
 leaves a directory that looks like a checkpoint and is not one. A checkpoint counts as
 complete only once it holds `MARKER`, which `sftcore.interrupt` writes from ``on_save``: the
 Trainer calls it after the weights, optimizer, scheduler, RNG state and trainer_state.json
-are all on disk.
+are all on disk. The marker lists every file's size and sha256, so a file damaged since (a
+bad disk, a partial copy) makes the checkpoint incomplete again.
 
-Rules for ``output`` (`check_output`):
+Rules for ``output`` (`check_output`), which a run checks holding `LOCK_FILE` (`locked`):
 
 * empty or missing: a new run;
-* ``--resume``: must hold an sft run whose saved config matches this one, and a complete
-  checkpoint; training continues from the newest;
-* ``--overwrite``: the previous run's checkpoints and records are removed first, so they can
-  never be resumed or mistaken for this run's; other files are left alone;
+* ``--resume``: must hold an sft run whose saved config and data files match this one's, and a
+  complete checkpoint; training continues from the newest;
+* ``--overwrite``: must hold an sft run; its completion record, final model, checkpoints and
+  records are removed first, in that order, so none can be resumed or mistaken for this run's;
+  files sftcore did not write are left alone;
 * anything else is refused: another run's checkpoints would be overwritten or resumed by mistake.
 """
 
 from __future__ import annotations
 
+import errno
+import fnmatch
 import json
 import logging
+import os
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from sftcore import config as cfg
-from sftcore.errors import UsageError
+from sftcore.errors import SftError, UsageError
 from sftcore.train import CONFIG_FILE, SUMMARY_FILE
 
 log = logging.getLogger("sftcore.run")
 
 MARKER = "sft-checkpoint-complete"
-# The run's own records, removed by --overwrite with its checkpoints (the model files it replaces).
-RUN_RECORDS = (CONFIG_FILE, SUMMARY_FILE, "loss.csv", "loss.png", "trainer_state.json")
+LOCK_FILE = ".sft-lock"  # held (flock) by the main process of the run writing the directory
+DATA_FILE = "sft_data.json"  # the sha256 of each data file the run trains and evaluates on
+# The run's own records, removed by --overwrite with its checkpoints and final model.
+RUN_RECORDS = (CONFIG_FILE, DATA_FILE, "loss.csv", "eval_loss.csv", "loss.png", "trainer_state.json")
+# The final weights as the Trainer names them: --overwrite removes them even when no summary
+# lists them (a run stopped while saving them), as a reader would take them for the new run's.
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors")
+# What the Trainer and sftcore write into a checkpoint: a checkpoint-N holding anything else is
+# not sftcore's, and --overwrite leaves it.
+CHECKPOINT_FILES = (
+    MARKER, f"{MARKER}.tmp", "trainer_state.json", "training_args.bin", "optimizer*.pt", "scheduler*.pt",
+    "scaler.pt", "rng_state*.pth", "model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin",
+    "config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json",
+    "chat_template.jinja", "vocab.*", "merges.txt", "*.model", "global_step*", "latest", "zero_to_fp32.py",
+    "pytorch_model_fsdp*", "optimizer_*", "adapter_*",
+)
 # Settings a resumed run may change: where and how often it writes, not what it learns.
 RESUMABLE_CHANGES = {
     "output", "cache_dir", "training.save_steps", "training.save_total_limit", "training.logging_steps",
@@ -51,18 +71,157 @@ def checkpoints(output: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def write_marker(checkpoint: Path, step: int) -> None:
+    """Write `MARKER` into ``checkpoint``: the step and every other file's size and sha256."""
+    from sftcore.cache import file_digest
+
+    files = {
+        path.relative_to(checkpoint).as_posix(): {"size": path.stat().st_size, "sha256": file_digest(path)}
+        for path in sorted(checkpoint.rglob("*"))
+        if path.is_file() and path.name not in (MARKER, f"{MARKER}.tmp")
+    }
+    temporary = checkpoint / f"{MARKER}.tmp"
+    temporary.write_text(json.dumps({"step": step, "files": files}, indent=1) + "\n", encoding="utf-8")
+    os.replace(temporary, checkpoint / MARKER)  # a kill leaves no half-written marker
+
+
+def damage(checkpoint: Path) -> str | None:
+    """Why ``checkpoint`` cannot be resumed from, or None when it is complete and intact."""
+    from sftcore.cache import file_digest
+
+    if not (checkpoint / MARKER).is_file() or not (checkpoint / "trainer_state.json").is_file():
+        return "it was not completely written (the run stopped while saving it)"
+    try:
+        listed = json.loads((checkpoint / MARKER).read_text(encoding="utf-8"))["files"]
+    except (ValueError, TypeError, KeyError):  # an earlier sftcore wrote the bare step: nothing to verify
+        return None
+    for name, expected in listed.items():
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != expected["size"]:
+            return f"{name} has {path.stat().st_size} bytes, {expected['size']} when saved"
+        if file_digest(path) != expected["sha256"]:
+            return f"{name} differs from the file saved (sha256)"
+    return None
+
+
 def is_complete(checkpoint: Path) -> bool:
-    return (checkpoint / MARKER).is_file() and (checkpoint / "trainer_state.json").is_file()
+    return damage(checkpoint) is None
 
 
 def newest_complete(output: Path) -> tuple[Path | None, list[Path]]:
-    """The newest complete checkpoint, and the incomplete ones newer than it (left by a kill)."""
+    """The newest complete checkpoint, and the incomplete or damaged ones newer than it."""
     incomplete: list[Path] = []
     for _step, path in reversed(checkpoints(output)):
         if is_complete(path):
             return path, incomplete
         incomplete.append(path)
     return None, incomplete
+
+
+# ---- data files ----------------------------------------------------------------------------
+
+
+def data_digests(config: Mapping[str, Any]) -> dict[str, dict[str, str]]:
+    """``{"data": {"path", "sha256"}, "eval_data": ...}`` for the data files ``config`` names."""
+    from sftcore.cache import file_digest
+
+    return {
+        key: {"path": str(config[key]), "sha256": file_digest(config[key])}
+        for key in ("data", "eval_data")
+        if config.get(key) is not None
+    }
+
+
+def record_data(output: Path, config: Mapping[str, Any]) -> None:
+    (output / DATA_FILE).write_text(json.dumps(data_digests(config), indent=2) + "\n", encoding="utf-8")
+
+
+def changed_data(output: Path, config: Mapping[str, Any]) -> str | None:
+    """How the data files differ from those the run in ``output`` started on, or None."""
+    record = output / DATA_FILE
+    if not record.is_file():  # a run from before data files were recorded
+        return None
+    saved = json.loads(record.read_text(encoding="utf-8"))
+    for key, then in saved.items():
+        path = config.get(key) or then["path"]
+        try:
+            from sftcore.cache import file_digest
+
+            now = file_digest(path)
+        except OSError as exc:
+            return f"{path} ({key}) cannot be read now ({exc.strerror})"
+        if now != then["sha256"]:
+            return f"{path} ({key}) changed since the run started (sha256 {then['sha256'][:12]} then, {now[:12]} now)"
+    return None
+
+
+# ---- the directory -------------------------------------------------------------------------
+
+
+def _entries(output: Path) -> list[Path]:
+    """What ``output`` holds, besides the lock file a run leaves."""
+    return [p for p in output.iterdir() if p.name != LOCK_FILE] if output.is_dir() else []
+
+
+def holds_run(output: Path) -> bool:
+    return (output / CONFIG_FILE).is_file()
+
+
+def refuse_early(output: Path, config: Mapping[str, Any], *, resume: bool, overwrite: bool) -> None:
+    """The refusals that need no lock, so that none leaves a lock file behind: ``--resume`` of a
+    missing directory, and a directory another tool wrote (sftcore adds nothing to it)."""
+    missing = not (output.exists() or output.is_symlink())
+    if missing or (_entries(output) and not holds_run(output)):
+        check_output(output, config, resume=resume, overwrite=overwrite, remove=False)
+
+
+def claim(output: Path) -> None:
+    """Create ``output`` (a missing directory or parent); an unusable one is one line, before anything heavy."""
+    if output.is_symlink() and not output.exists():
+        raise SftError(
+            f"output {output} is a symbolic link to {os.readlink(output)}, which does not exist; "
+            "create its target, or choose another --output"
+        )
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise SftError(f"output {output} is a file, not a directory; choose another --output") from None
+    except OSError as exc:
+        raise SftError(f"output {output} cannot be created ({exc.strerror}); choose another --output") from None
+
+
+@contextmanager
+def locked(output: Path) -> Iterator[None]:
+    """Hold `LOCK_FILE` in ``output`` while inside: a second run writing there fails at once.
+
+    flock, not a file that exists or not: the kernel drops it when its holder dies, even by
+    SIGKILL, so no stale lock outlives a run. The holder's pid is written in, for the message.
+    """
+    import fcntl
+
+    path = output / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise SftError(f"output {output} is not writable ({exc.strerror}); choose another --output") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            pid = f" (pid {holder})" if holder.isdigit() else ""
+            raise SftError(
+                f"output {output} is in use by another sft run{pid}; wait for it to end, or choose another --output"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
@@ -95,19 +254,17 @@ def check_output(output: Path, config: Mapping[str, Any], *, resume: bool, overw
     """
     if resume and overwrite:
         raise UsageError("--resume continues the run in the output directory, --overwrite replaces it: pass one of them")
-    if not (output.is_dir() and any(output.iterdir())):
+    if not _entries(output):
         if resume:
             raise UsageError(f"--resume: {output} holds no run to resume; leave out --resume to start one")
         return None
+    if not holds_run(output):  # --overwrite too: sftcore removes only what it wrote
+        raise UsageError(f"output {output} is not empty and holds no sft run; choose another --output, or empty it")
     if overwrite:
         if remove:
             clear(output)
         return None
     saved_file = output / CONFIG_FILE
-    if not saved_file.is_file():
-        raise UsageError(
-            f"output {output} is not empty and holds no sft run; choose another --output, or pass --overwrite to write into it"
-        )
     changed = differences(cfg.load_yaml(str(saved_file)), config)
     if changed:
         what = "; ".join(changed[:4]) + (f"; and {len(changed) - 4} more" if len(changed) > 4 else "")
@@ -121,6 +278,11 @@ def check_output(output: Path, config: Mapping[str, Any], *, resume: bool, overw
             f"output {output} already holds this run, stopped before its end; pass --resume to continue it from "
             f"its last checkpoint, or --overwrite to start again"
         )
+    if (data := changed_data(output, config)) is not None:
+        raise UsageError(
+            f"--resume: {data}; a resumed run must train on the data it started on: restore that file, "
+            "or pass --overwrite to start again on this one"
+        )
     if (config.get("training") or {}).get("save_only_model"):
         raise UsageError(
             f"--resume: {output} was trained with save_only_model, so its checkpoints hold no optimizer, "
@@ -128,7 +290,7 @@ def check_output(output: Path, config: Mapping[str, Any], *, resume: bool, overw
         )
     checkpoint, ignored = newest_complete(output)
     for path in ignored:
-        log.warning("ignoring %s: it was not completely written (the run stopped while saving it)", path)
+        log.warning("ignoring %s: %s", path, damage(path))
     if checkpoint is None:
         raise UsageError(f"--resume: {output} has no complete checkpoint to resume from; pass --overwrite to start again")
     log.info("resuming from %s", checkpoint)
@@ -136,12 +298,38 @@ def check_output(output: Path, config: Mapping[str, Any], *, resume: bool, overw
 
 
 def clear(output: Path) -> None:
-    """Remove the previous run's checkpoints and records (never anything else) before a new run."""
-    removed = [path for _step, path in checkpoints(output)] + [output / n for n in RUN_RECORDS if (output / n).is_file()]
+    """Remove the previous run's files (never another's) before a new run in ``output``.
+
+    The completion record goes first, then the final model: a kill part way leaves a run that
+    reads as unfinished, never old weights beside a new run's config.
+    """
+    summary = output / SUMMARY_FILE
+    removed = [summary] if summary.is_file() else []
+    removed += [output / name for name in model_files(output) if (output / name).is_file()]
+    removed += [path for _step, path in checkpoints(output) if _written_by_trainer(path)]
+    removed += [output / name for name in RUN_RECORDS if (output / name).is_file()]
     for path in removed:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     if removed:
         log.info("--overwrite: removed %s from %s", ", ".join(p.name for p in removed), output)
+    for _step, path in checkpoints(output):
+        log.warning("--overwrite: left %s: it holds files sftcore does not write", path)
+
+
+def model_files(output: Path) -> list[str]:
+    """The final model's files: those the run's summary lists, and any weights by their names."""
+    listed: list[str] = []
+    try:
+        listed = list(json.loads((output / SUMMARY_FILE).read_text(encoding="utf-8")).get("model_files", []))
+    except (OSError, ValueError, AttributeError):
+        pass  # no summary (a run stopped before its end) or a damaged one: the weights still go
+    weights = [p.name for p in output.iterdir() if p.is_file() and any(fnmatch.fnmatch(p.name, w) for w in WEIGHT_FILES)]
+    # Names only, inside output: a summary cannot point the removal elsewhere.
+    return sorted({Path(name).name for name in listed} | set(weights))
+
+
+def _written_by_trainer(checkpoint: Path) -> bool:
+    return all(any(fnmatch.fnmatch(p.name, f) for f in CHECKPOINT_FILES) for p in checkpoint.iterdir())
 
 
 def logged_losses(checkpoint: Path | None, key: str = "loss") -> list[tuple[int, float]]:

@@ -53,6 +53,10 @@ class LazyGroup(click.Group):
         except KeyboardInterrupt:  # Ctrl-C outside training, or a second one during it: no checkpoint
             click.echo("Interrupted.", err=True)
             ctx.exit(130)
+        except OSError as exc:  # the last resort: a disk, a mount or a permission the user can fix
+            where = f"{exc.filename}: " if exc.filename else ""
+            click.echo(f"Error: {where}{exc.strerror or exc}", err=True)
+            ctx.exit(1)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

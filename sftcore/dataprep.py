@@ -156,8 +156,7 @@ def prepare_data(host: Host, config: dict[str, Any], *, progress: bool = True, w
     config["max_length"] = config.get("max_length") or default_max_length_for(tokenizer)
     mask_data(host, config, items, data, tokenizer, config["max_length"], progress, workers)
     cache.flatten(data)
-    if key is not None:
-        path = cache.store(directory, key, data, config["max_length"])
+    if key is not None and (path := cache.store(directory, key, data, config["max_length"])) is not None:
         log.info("prepared data: %d rows tokenized and cached, %s", len(data.rows), path)
     return data
 

@@ -3,11 +3,15 @@
 The signal handler only sets a flag; `StopOnSignal.callback` turns it into "save, then stop"
 at the end of the current optimizer step, so the checkpoint is a step boundary the Trainer
 can resume from exactly. A second Ctrl-C stops at once, without a checkpoint.
+
+A loss that stops being finite stops the run too (`StopOnNonFinite`), before anything more is
+saved: every later step would train NaN weights.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import threading
 from collections.abc import Iterator
@@ -17,7 +21,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from sftcore.checkpoints import MARKER
+from sftcore.checkpoints import write_marker
 from sftcore.errors import SftError
 
 log = logging.getLogger("sftcore.run")
@@ -125,8 +129,41 @@ class MarkComplete(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         _barrier()  # every process has written its part of the checkpoint (sharded optimizer state)
         if state.is_world_process_zero:
-            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            (checkpoint / MARKER).write_text(f"{state.global_step}\n")
+            write_marker(Path(args.output_dir) / f"checkpoint-{state.global_step}", state.global_step)
+
+
+class Diverged(SftError):
+    """The loss became NaN or infinite; the run stopped without saving a final model."""
+
+    same_in_every_process = True  # the logged loss is averaged over every process
+
+
+class StopOnNonFinite(TrainerCallback):
+    """Raises `Diverged` at the first logged loss (or gradient norm) that is not finite.
+
+    Raised from ``on_log``, which the Trainer calls before it saves a checkpoint at that step,
+    so no NaN weights are saved as resumable. sftcore turns the Trainer's
+    ``logging_nan_inf_filter`` off by default: it logs the mean of earlier losses for a NaN one.
+    The gradient norm is never filtered, so a run that sets the filter on still stops.
+    """
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for key in ("loss", "grad_norm"):
+            value = (logs or {}).get(key)
+            if isinstance(value, (int, float)) and not math.isfinite(value):
+                raise Diverged(diverged_message(args, state.global_step, key, value))
+
+
+def diverged_message(args: Any, step: int, key: str, value: float) -> str:
+    what = "loss" if key == "loss" else "gradient norm"
+    hints = [f"a lower learning rate (--lr, now {args.learning_rate:g})"]
+    if args.fp16:
+        hints.append("bf16 instead of fp16, whose range overflows (--set fp16=false --set bf16=true)")
+    if not args.max_grad_norm:
+        hints.append("gradient clipping (--set max_grad_norm=1.0)")
+    else:
+        hints.append(f"a smaller max_grad_norm (now {args.max_grad_norm:g}) or more warmup (--set warmup_ratio=0.1)")
+    return f"the training {what} became {value} at step {step}; the run stopped and saved no final model. Try " + ", or ".join(hints)
 
 
 def _barrier() -> None:

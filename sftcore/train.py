@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import errno
+import itertools
 import json
 import logging
+import os
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +48,9 @@ class Summary:
     eval_rows: int = 0
     first_eval_loss: float | None = None
     last_eval_loss: float | None = None
+    best_eval_loss: float | None = None
+    best_eval_step: int | None = None
+    model_files: list[str] = field(default_factory=list)  # what the final save wrote (--overwrite removes them)
 
     def lines(self) -> list[str]:
         first = "n/a" if self.first_loss is None else f"{self.first_loss:.4f}"
@@ -58,7 +64,11 @@ class Summary:
             f"speed: {self.tokens_per_second:,.0f} real tokens/s over {self.steps} steps in {self.seconds:.1f}s",
             f"loss: first {first}, last {last}",
             *(
-                [f"held-out loss ({self.eval_rows} rows): first {_four(self.first_eval_loss)}, last {_four(self.last_eval_loss)}"]
+                [
+                    f"held-out loss ({self.eval_rows} rows): first {_four(self.first_eval_loss)}, "
+                    f"last {_four(self.last_eval_loss)}, best {_four(self.best_eval_loss)}"
+                    + (f" at step {self.best_eval_step}" if self.best_eval_step is not None else "")
+                ]
                 if self.eval_rows else []
             ),
             f"saved to {self.output}",
@@ -120,7 +130,7 @@ def run(
     ``resume`` continues the run in the output directory from its newest complete checkpoint;
     ``overwrite`` replaces the run there (see `sftcore.checkpoints`).
     """
-    from sftcore.checkpoints import check_output
+    from sftcore.checkpoints import check_output, claim, locked, refuse_early
 
     config = cfg.effective(user_config)
     cfg.check(config, host.registry)
@@ -129,17 +139,42 @@ def run(
     started = time.perf_counter()
     progress = progress and distributed.is_main_process()  # one set of bars, not one per process
     # TrainingArguments first: under a launcher it sets up the processes, with the user's ddp_* settings.
-    args = training_arguments(config, config.get("output") or default_output(config))
+    main = distributed.is_main_process()
+    args = training_arguments(config, config.get("output") or default_output(config, create=main))
     output = Path(distributed.agreed(args.output_dir))  # each process stamps its own default name
     args.output_dir = config["output"] = str(output)
     log.info("output: %s", output)
-    checkpoint = check_output(output, config, resume=resume, overwrite=overwrite, remove=distributed.is_main_process())
-    # The main process prepares and caches; the others wait for it, then read its cache.
-    with args.main_process_first(desc="preparing data"):
-        data = prepare_data(host, config, progress=progress)
-        held_out = eval_rows(host, config, data, progress)
-    with transformers_bars(progress), builtin_model_threads(config):
-        return fit(host, config, data, args, started, progress, checkpoint, held_out)
+    if main:
+        refuse_early(output, config, resume=resume, overwrite=overwrite)
+        claim(output)
+    # The main process holds the directory for the whole run: a second run there fails at once.
+    with locked(output) if main else nullcontext():
+        checkpoint = check_output(output, config, resume=resume, overwrite=overwrite, remove=main)
+        # The main process prepares and caches; the others wait for it, then read its cache.
+        with args.main_process_first(desc="preparing data"):
+            data = prepare_data(host, config, progress=progress)
+            held_out = eval_rows(host, config, data, progress)
+        with transformers_bars(progress), builtin_model_threads(config), output_errors(output):
+            return fit(host, config, data, args, started, progress, checkpoint, held_out)
+
+
+# What to do about the errors a run's writes meet most (a full disk, a read-only mount).
+WRITE_HINTS = {
+    errno.ENOSPC: "; free some space, then run again (--resume continues from a complete checkpoint)",
+    errno.EDQUOT: "; free some space, then run again (--resume continues from a complete checkpoint)",
+    errno.EROFS: "; choose another --output",
+    errno.EACCES: "; choose another --output",
+}
+
+
+@contextmanager
+def output_errors(output: Path) -> Iterator[None]:
+    """An OSError while the run reads or writes its files as one line naming the file."""
+    try:
+        yield
+    except OSError as exc:
+        where = exc.filename or output
+        raise SftError(f"{where}: {exc.strerror or exc}{WRITE_HINTS.get(exc.errno, '')}") from None
 
 
 def padding_free(host: Host, config: Mapping[str, Any]) -> bool:
@@ -153,8 +188,8 @@ def fit(
     checkpoint: Path | None = None, held_out: Any = None,
 ) -> Summary:
     """Load the model, train on the prepared rows (from ``checkpoint`` on, if given), save (files: the main process only)."""
-    from sftcore.checkpoints import logged_losses
-    from sftcore.interrupt import MarkComplete, NoFinalCheckpoint, StopOnSignal, interrupted
+    from sftcore.checkpoints import logged_losses, record_data
+    from sftcore.interrupt import Diverged, MarkComplete, NoFinalCheckpoint, StopOnNonFinite, StopOnSignal, interrupted
 
     output = Path(args.output_dir)
     main = distributed.is_main_process()
@@ -180,16 +215,24 @@ def fit(
     trainer.add_callback(MarkComplete())
     trainer.add_callback(NoFinalCheckpoint())
     trainer.add_callback(stop.callback())
+    trainer.add_callback(StopOnNonFinite())
     if main:
         cfg.dump(config, output / CONFIG_FILE)
-    with stop.installed():
-        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        record_data(output, config)
+    try:
+        with stop.installed():
+            result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except Diverged:
+        distributed.finish()  # every process met the same averaged loss at the same step
+        raise
     if stop.signum is not None and trainer.state.global_step < trainer.state.max_steps:
         distributed.finish()  # every process stopped at this step (StopOnSignal.requested)
         raise interrupted(stop.signum, output, trainer.state)
+    before = file_stamps(output) if main else {}
     # Every process: FSDP and DeepSpeed gather the weights for it; the main process writes.
     trainer.save_model(str(output))  # weights (safetensors) and tokenizer, no optimizer state
     trainer.save_state()
+    model_files = sorted(name for name, stamp in file_stamps(output).items() if before.get(name) != stamp) if main else []
     # Each process counted only the batches it collated.
     collator.real_tokens, collator.positions = distributed.summed(collator.real_tokens, collator.positions)
     files = [str(p) for p in curve.write(output)] if main else []
@@ -215,16 +258,48 @@ def fit(
         eval_rows=len(held_out) if held_out is not None else 0,
         first_eval_loss=curve.eval_points[0][1] if curve.eval_points else None,
         last_eval_loss=curve.eval_points[-1][1] if curve.eval_points else None,
+        model_files=model_files,
     )
+    if curve.eval_points:
+        summary.best_eval_step, summary.best_eval_loss = min(curve.eval_points, key=lambda point: point[1])
     if main:
-        (output / SUMMARY_FILE).write_text(json.dumps(asdict(summary), indent=2) + "\n")
+        write_summary(output, summary)
     distributed.finish()
     return summary
 
 
-def default_output(config: Mapping[str, Any]) -> str:
+def write_summary(output: Path, summary: Summary) -> None:
+    """summary.json, whole or not at all: it is written last and marks the run finished (`sft generate` checks it)."""
+    temporary = output / f".{SUMMARY_FILE}.tmp"
+    temporary.write_text(json.dumps(asdict(summary), indent=2) + "\n")
+    os.replace(temporary, output / SUMMARY_FILE)
+
+
+def file_stamps(directory: Path) -> dict[str, tuple[int, int]]:
+    """``name: (size, mtime_ns)`` of each file in ``directory``: which ones a save wrote."""
+    return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in directory.iterdir() if p.is_file()}
+
+
+def default_output(config: Mapping[str, Any], *, create: bool = False) -> str:
+    """``sft-runs/demo-YYYYmmdd-HHMMSS`` (``run-`` for a model of the user's), ``-2``, ``-3``... when taken.
+
+    ``create`` makes the directory, exclusively: two runs started in the same second get two.
+    """
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    return f"sft-runs/{'demo' if config['model'] == BUILTIN_MODEL else 'run'}-{stamp}"
+    base = f"sft-runs/{'demo' if config['model'] == BUILTIN_MODEL else 'run'}-{stamp}"
+    if not create:
+        return base
+    try:
+        os.makedirs(os.path.dirname(base), exist_ok=True)
+        for name in itertools.chain([base], (f"{base}-{n}" for n in itertools.count(2))):
+            try:
+                os.mkdir(name)  # atomic: exactly one run gets each name
+                return name
+            except FileExistsError:
+                continue
+    except OSError as exc:
+        raise SftError(f"{exc.filename or base}: cannot create the output directory ({exc.strerror}); pass --output DIR") from None
+    raise AssertionError("itertools.count never ends")
 
 
 def training_arguments(config: Mapping[str, Any], output: str) -> Any:
@@ -241,6 +316,9 @@ def training_arguments(config: Mapping[str, Any], output: str) -> Any:
         "save_steps": 500,
         "save_total_limit": 2,
         "report_to": "none",
+        # The Trainer would log the mean of earlier losses for a NaN one, hiding a diverged run
+        # (interrupt.StopOnNonFinite); a config may still set it, and the gradient norm still stops it.
+        "logging_nan_inf_filter": False,
         "remove_unused_columns": False,
         "dataloader_num_workers": 0,
         "dataloader_pin_memory": torch.cuda.is_available(),
@@ -263,6 +341,7 @@ def build_trainer(host, config, model, tokenizer, data, collator, curve, args, p
     from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+    from sftcore.boundary import plugin_callbacks
     from sftcore.trainer import trainer_class
 
     class RecordLoss(TrainerCallback):
@@ -287,9 +366,7 @@ def build_trainer(host, config, model, tokenizer, data, collator, curve, args, p
         def on_train_end(self, args, state, control, **kwargs):
             self.bar.close()
 
-    callbacks = [RecordLoss()]
-    for _plugin, contributed in host.call_each("trainer_callbacks", config=config):
-        callbacks.extend(contributed)
+    callbacks = [RecordLoss(), *plugin_callbacks(host, config)]  # each plugin's answer checked
     trainer = trainer_class()(
         model=model,
         args=args,

@@ -42,7 +42,12 @@ def test_held_out_rows_do_not_change_training_and_get_their_own_curve(monkeypatc
     points = loss_points(tmp_path / "eval", "eval_loss")
     assert [step for step, _ in points] == [6, 12]
     assert after["eval_rows"] == 4 and after["last_eval_loss"] == pytest.approx(points[-1][1])
-    assert f"held-out loss (4 rows): first {points[0][1]:.4f}, last {points[1][1]:.4f}" in judged.stdout
+    best_step, best = min(points, key=lambda point: point[1])
+    assert (after["best_eval_loss"], after["best_eval_step"]) == (pytest.approx(best), best_step)
+    assert (
+        f"held-out loss (4 rows): first {points[0][1]:.4f}, last {points[1][1]:.4f}, best {best:.4f} at step {best_step}\n"
+        in judged.stdout
+    )
 
 
 def test_the_held_out_loss_is_the_final_models_loss_on_those_rows(monkeypatch, tmp_path, tiny_model_dir, data):

@@ -88,7 +88,7 @@ def test_row_json_gives_the_same_prompt(monkeypatch, trained, generate_calls):
     ("args", "message"),
     [
         (("--instruction", "hi"), "has no sft_config.yaml: pass the output directory of `sft run`"),
-        (("--instruction", "hi"), "has no trained weights (model.safetensors): its run did not finish"),
+        (("--instruction", "hi"), "its run did not finish (no summary.json), so it holds no final model; continue it with `sft run --resume`, or pass another --model"),
         ((), "give --instruction TEXT (and optionally --input TEXT), or --row JSON"),
         (("--row", "{not json"), "--row is not valid JSON"),
         (("--row", '{"instruction": "hi"}'), "cannot build a prompt from ['instruction']: field 'question': is missing"),
@@ -101,8 +101,9 @@ def test_usage_errors_need_no_model(monkeypatch, tmp_path, args, message):
         (run / "sft_config.yaml").write_text(
             "template: {name: alpaca, options: {instruction_field: question}}\n", encoding="utf-8"
         )
-    if "weights" not in message and "sft_config.yaml" not in message:
+    if "did not finish" not in message and "sft_config.yaml" not in message:
         (run / "model.safetensors").write_bytes(b"")  # never read: the command stops before loading
+        (run / "summary.json").write_text("{}")
     result = sft(monkeypatch, "generate", "--model", run, *args)
     assert result.exit_code == 2
     assert message in result.stderr and len(result.stderr.splitlines()) == 1, result.stderr

@@ -59,10 +59,7 @@ def test_a_directory_holding_something_else_is_refused_untouched(monkeypatch, tm
     (output / "notes.txt").write_text("keep me")
     result = run(monkeypatch, tiny_model_dir, data, output)
     assert result.exit_code == 2
-    assert result.stderr == (
-        f"Error: output {output} is not empty and holds no sft run; choose another --output, "
-        "or pass --overwrite to write into it\n"
-    )
+    assert result.stderr == f"Error: output {output} is not empty and holds no sft run; choose another --output, or empty it\n"
     assert listing(output) == ["notes.txt"]
 
 
@@ -131,16 +128,18 @@ def test_resume_without_output_is_a_usage_error(monkeypatch, tiny_model_dir, dat
     assert (result.exit_code, result.stderr) == (2, "Error: --resume needs --output: the directory of the run to continue\n")
 
 
-def test_overwrite_removes_checkpoints_and_records_and_nothing_else(tmp_path):
+def test_overwrite_removes_checkpoints_records_and_the_final_model_and_nothing_else(tmp_path):
     output = tmp_path / "out"
     (output / "checkpoint-7").mkdir(parents=True)
     (output / "checkpoint-7" / MARKER).write_text("7\n")
     (output / "checkpoint-notes").mkdir()
-    for name in ("sft_config.yaml", "summary.json", "loss.csv", "trainer_state.json", "notes.txt", "model.safetensors"):
+    for name in ("sft_config.yaml", "loss.csv", "trainer_state.json", "notes.txt", "model.safetensors", "config.json"):
         (output / name).write_text("x")
+    (output / "summary.json").write_text(json.dumps({"model_files": ["config.json", "model.safetensors"]}))
     assert check_output(output, {}, resume=False, overwrite=True) is None
-    assert listing(output) == ["checkpoint-notes", "model.safetensors", "notes.txt"]
-    (output / "loss.csv").write_text("x")
+    assert listing(output) == ["checkpoint-notes", "notes.txt"]
+    for name in ("sft_config.yaml", "loss.csv"):
+        (output / name).write_text("x")
     assert check_output(output, {}, resume=False, overwrite=True, remove=False) is None
     assert (output / "loss.csv").exists(), "only the main process removes"
 

@@ -10,6 +10,7 @@ import click
 from sftcore import config as cfg
 from sftcore.commands.common import host_from
 from sftcore.errors import UsageError
+from sftcore.train import SUMMARY_FILE
 
 
 def prompt_for(host, run_config: dict, row: dict) -> str:
@@ -38,9 +39,13 @@ def command(ctx, model, instruction, context, row_json, max_new_tokens, temperat
     config_path = Path(model) / "sft_config.yaml"
     if not config_path.is_file():
         raise UsageError(f"{model} has no sft_config.yaml: pass the output directory of `sft run`")
-    # The config is saved when training starts, the weights when it ends: an interrupted run has only the first.
-    if not any((Path(model) / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
-        raise UsageError(f"{model} has no trained weights (model.safetensors): its run did not finish")
+    # The config is saved when training starts, summary.json last, after the final weights: weights
+    # without it are a previous run's (--overwrite) or half written (a kill while saving).
+    if not (Path(model) / SUMMARY_FILE).is_file():
+        raise UsageError(
+            f"{model}: its run did not finish (no {SUMMARY_FILE}), so it holds no final model; "
+            "continue it with `sft run --resume`, or pass another --model"
+        )
     run_config = cfg.effective(cfg.load_yaml(str(config_path)))
     if row_json:
         try:
