@@ -1,14 +1,78 @@
-"""`sft plugins`: what is installed, which plugin provides each component."""
+"""`sft plugins`: what is installed, which plugin provides each component, and its options."""
 
 from __future__ import annotations
 
+import inspect
 import json
+import typing
+from typing import Any
 
 import click
 
 from sftcore.commands.common import host_from
+from sftcore.config import HOST_OPTIONS
+from sftcore.registry import Component, _describe
 
 STAGE_ORDER = ("template", "masker", "collator", "loader", "reader")
+HOST_NOTE = "set by sft unless given"
+
+
+def options_of(component: Component) -> dict[str, Any]:
+    """The options a component's factory takes (``--STAGE-opt KEY=VALUE``), read from its signature.
+
+    ``options`` is None when the factory has no signature to read; ``other_options`` says it
+    also takes any other KEY (``**kwargs``). An option the host passes itself is marked ``set_by_host``.
+    """
+    factory = component.factory
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return {"options": None, "other_options": True}
+    try:
+        hints = typing.get_type_hints(factory.__init__ if inspect.isclass(factory) else factory)
+    except Exception:  # unresolvable annotations: show them as written
+        hints = {}
+    host = HOST_OPTIONS.get(component.stage, set())
+    options = [
+        {
+            "name": name,
+            "type": _type_name(hints.get(name, p.annotation)),
+            "required": p.default is p.empty,
+            "default": None if p.default is p.empty else _plain(p.default),
+            "set_by_host": name in host,
+        }
+        for name, p in params.items()
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
+    return {"options": options, "other_options": any(p.kind is p.VAR_KEYWORD for p in params.values())}
+
+
+def _type_name(hint: Any) -> str:
+    if hint is inspect.Parameter.empty or hint is Any:
+        return "any"
+    return hint if isinstance(hint, str) else _describe(hint)
+
+
+def _plain(value: Any) -> Any:
+    """A default as JSON holds it; anything else as its repr."""
+    return value if value is None or isinstance(value, (bool, int, float, str)) else repr(value)
+
+
+def option_lines(component: Component) -> list[str]:
+    """The human listing of a component's options, one line each: name, default, type."""
+    found = options_of(component)
+    if found["options"] is None:
+        return ["  (options not known: its factory has no signature to read)"]
+    rows = [
+        (o["name"], "required" if o["required"] else "= " + repr(o["default"]),
+         o["type"] + (f"  ({HOST_NOTE})" if o["set_by_host"] else ""))
+        for o in found["options"]
+    ]
+    widths = [max((len(r[i]) for r in rows), default=0) for i in range(2)]
+    lines = [f"  {n.ljust(widths[0])}  {v.ljust(widths[1])}  {t}" for n, v, t in rows]
+    if found["other_options"]:
+        lines.append("  (and any other KEY: the factory takes **kwargs)")
+    return lines or ["  (no options)"]
 
 
 @click.group("plugins", invoke_without_command=True)
@@ -36,6 +100,7 @@ def command(ctx: click.Context, as_json: bool) -> None:
                             "distribution": c.distribution,
                             "version": c.version,
                             "description": c.description,
+                            **options_of(c),
                         }
                         for c in components
                     ],
@@ -51,6 +116,12 @@ def command(ctx: click.Context, as_json: bool) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     for row in rows:
         click.echo("  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths)) + "  " + row[3])
+    # After the table, so each table row stays one line per component for anything that reads it.
+    click.echo("\nOPTIONS (--STAGE-opt KEY=VALUE)")
+    for c in components:
+        click.echo(f"{c.stage} {c.name}:")
+        for line in option_lines(c):
+            click.echo(line)
     if host.blocked:
         click.echo(f"\nBlocked: {', '.join(host.blocked)}")
 
