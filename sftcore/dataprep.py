@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from sftcore.boundary import checked
 from sftcore.errors import SftError
 from sftcore.manager import Host
 from sftcore.pipeline import Formatted, Prepared, format_rows, mask_rows, pick_reader, read_rows
@@ -22,7 +23,8 @@ log = logging.getLogger("sftcore.run")
 
 
 def build_stage(host: Host, config: Mapping[str, Any], stage: str, **host_options: Any) -> Any:
-    """Build a configured component, adding the host-provided options its factory accepts."""
+    """Build a configured component, adding the host-provided options its factory accepts; the
+    host gets it behind `sftcore.boundary.checked`, which checks what each of its calls returns."""
     name, options = config[stage]["name"], dict(config[stage]["options"])
     factory = host.registry.get(stage, name).factory
     try:
@@ -34,11 +36,12 @@ def build_stage(host: Host, config: Mapping[str, Any], stage: str, **host_option
         if key not in options and (key in params or takes_any):
             options[key] = value
     try:
-        return host.registry.build(stage, name, options)
+        built = host.registry.build(stage, name, options)
     except SftError:
         raise
     except (TypeError, ValueError) as exc:
         raise SftError(f"{stage} '{name}' rejected its options: {exc}") from None
+    return checked(host.registry.get(stage, name), built)  # every call's answer checked at the boundary
 
 
 BUILTIN_MODEL = "builtin:tiny-llama"

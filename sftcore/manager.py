@@ -1,9 +1,12 @@
 """Builds the plugin manager on demand: built-ins first, then entry points, one at a time.
 
-A plugin that fails to import, has a malformed hook, or raises while registering is reported
-in one line and left out; everything else keeps working. ``SFT_STRICT_PLUGINS=1`` turns those
+A plugin that fails to import, has a malformed hook, raises (``sys.exit`` included) or
+registers something malformed while registering, or takes longer than ``SFT_PLUGIN_TIMEOUT``
+seconds (default 30) to do either, is reported in one line and left out; everything else keeps
+working. Whatever it prints meanwhile goes to stderr. ``SFT_STRICT_PLUGINS=1`` turns those
 reports into errors, ``SFT_DISABLE_PLUGINS=a,b`` blocks plugins by name, and
-``SFT_TRACE_PLUGINS=1`` prints every hook call and which plugins answered.
+``SFT_TRACE_PLUGINS=1`` names each plugin before it loads and prints every hook call and
+which plugins answered. Ctrl-C still interrupts.
 """
 
 from __future__ import annotations
@@ -20,11 +23,13 @@ import pluggy
 
 import sftcore
 from sftcore import hookspecs
+from sftcore.boundary import PluginTimeout, exception_text, kind, plugin_code, plugin_timeout
 from sftcore.catalogue import load_catalogue
 from sftcore.errors import PluginError
 from sftcore.registry import STAGES, Component, Registry
 
 ENTRY_POINT_GROUP = "sft"
+TIMEOUT_HINT = "SFT_PLUGIN_TIMEOUT=SECONDS (0: no limit)"
 
 
 @dataclass(frozen=True)
@@ -56,10 +61,13 @@ class Host:
         for impl in getattr(self.pm.hook, hook).get_hookimpls():
             args = {k: kwargs[k] for k in impl.argnames}
             try:
-                result = impl.function(**args)
-            except Exception as exc:
+                with plugin_code(0):
+                    result = impl.function(**args)
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:  # sys.exit() too: plugin code never ends the host
                 raise PluginError(
-                    f"plugin '{impl.plugin_name}' failed in {hook}: {type(exc).__name__}: {exc}; "
+                    f"plugin {self.label(impl.plugin_name)} failed in {hook}: {exception_text(exc)}; "
                     f"disable it with SFT_DISABLE_PLUGINS={impl.plugin_name}"
                 ) from exc
             if self.trace:
@@ -67,6 +75,21 @@ class Host:
             if result is not None:
                 results.append((impl.plugin_name, result))
         return results
+
+    def label(self, plugin: str) -> str:
+        """``'name' (distribution version)``, as messages name a plugin."""
+        info = next((p for p in self.plugins if p.name == plugin), None)
+        return named(plugin, info.distribution, info.version) if info else f"'{plugin}'"
+
+
+def named(plugin: str, distribution: str, version: str) -> str:
+    """``'name' (distribution version)``, as messages name a plugin."""
+    return f"'{plugin}' {provenance(distribution, version)}"
+
+
+def provenance(distribution: str, version: str) -> str:
+    """``(distribution version)``; a plugin passed in directly (``(local)``) has no version."""
+    return f"({' '.join(part for part in (distribution, version) if part)})"
 
 
 def env_list(name: str) -> list[str]:
@@ -98,6 +121,7 @@ def load_host(
     pm.add_hookspecs(hookspecs)
     host = Host(pm=pm, registry=Registry(), trace=env_flag("SFT_TRACE_PLUGINS"))
     own = metadata_version("sftcore")
+    timeout = plugin_timeout()
 
     def report(message: str) -> None:
         if strict:
@@ -109,17 +133,28 @@ def load_host(
             host.blocked.append(name)
             return
         how = f"disable it with SFT_DISABLE_PLUGINS={name} or --disable-plugin {name}"
+        if host.trace:  # before the import: a plugin that hangs there is named
+            print(f"sft trace: loading plugin {name} {provenance(dist, version)}", file=sys.stderr)
         try:
-            plugin = load()
-            pm.register(plugin, name=name)
-        except Exception as exc:  # any import-time failure of someone else's code
-            report(f"plugin '{name}' ({dist} {version}) failed to load: {type(exc).__name__}: {one_line(exc)}; {how}")
+            with plugin_code(timeout):
+                plugin = load()
+                pm.register(plugin, name=name)
+        except KeyboardInterrupt:
+            raise
+        except PluginTimeout:
+            report(
+                f"plugin {named(name, dist, version)} did not finish loading in {timeout:g} s; {how}, "
+                f"or allow it longer with {TIMEOUT_HINT}"
+            )
+            return
+        except BaseException as exc:  # any import-time failure of someone else's code, sys.exit() too
+            report(f"plugin {named(name, dist, version)} failed to load: {exception_text(exc)}; {how}")
             return
         try:
             pm.check_pending()
         except pluggy.PluginValidationError as exc:
             pm.unregister(name=name)
-            report(f"plugin '{name}' ({dist} {version}) has an invalid hook: {one_line(exc)}; {how}")
+            report(f"plugin {named(name, dist, version)} has an invalid hook: {one_line(exc)}; {how}")
             return
         host.plugins.append(PluginInfo(name, dist, version, builtin))
 
@@ -133,45 +168,87 @@ def load_host(
             version = ep.dist.version if ep.dist else "?"
             add(ep.name, ep.load, dist, version, False)
 
-    _collect_components(host, report)
+    _collect_components(host, report, timeout)
     return host
 
 
-def _collect_components(host: Host, report: Callable[[str], None]) -> None:
+def _collect_components(host: Host, report: Callable[[str], None], timeout: float) -> None:
+    """Call every registration hook, then add what the plugins registered, in pipeline order.
+
+    A plugin whose hook raises, hangs or makes a malformed ``register`` call is reported and
+    left out whole (none of its components, no later hook); a name clash between two valid
+    registrations stays an error.
+    """
     infos = {p.name: p for p in host.plugins}
+    failed: set[str] = set()
+    pending: list[Component] = []
     for stage, hook in STAGES.items():
         for impl in getattr(host.pm.hook, hook).get_hookimpls():
             info = infos[impl.plugin_name]
-            registered: list[str] = []
+            if info.name in failed:
+                continue
+            problem = _call_registration(host, info, stage, hook, impl.function, timeout, pending)
+            if problem:
+                failed.add(info.name)
+                report(f"plugin {named(info.name, info.distribution, info.version)} {problem}")
+    for name in failed:
+        host.pm.unregister(name=name)
+    host.plugins[:] = [p for p in host.plugins if p.name not in failed]
+    for component in pending:
+        if component.plugin not in failed:
+            host.registry.add(component)  # a clash raises PluginError: configuration, never skipped
 
-            def register(
-                name: str, factory: Callable[..., Any], *, description: str = "", override: bool = False
-            ) -> None:
-                host.registry.add(
-                    Component(
-                        stage=stage,
-                        name=name,
-                        factory=factory,
-                        plugin=info.name,
-                        description=description,
-                        override=override,
-                        distribution=info.distribution,
-                        version=info.version,
-                    )
-                )
-                registered.append(name)
 
-            try:
-                impl.function(register=register)
-            except PluginError:
-                raise  # name clashes are configuration errors, never skipped
-            except Exception as exc:
-                report(
-                    f"plugin '{info.name}' ({info.distribution} {info.version}) failed in {hook}: "
-                    f"{type(exc).__name__}: {one_line(exc)}; disable it with SFT_DISABLE_PLUGINS={info.name}"
-                )
-            if host.trace:
-                print(f"sft trace: {hook} -> {info.name}: {', '.join(registered) or '(none)'}", file=sys.stderr)
+def _call_registration(
+    host: Host, info: PluginInfo, stage: str, hook: str, function: Callable[..., Any], timeout: float,
+    pending: list[Component],
+) -> str | None:
+    """Run one registration hook, appending its components to ``pending``; what went wrong, if anything."""
+    registered: list[str] = []
+    refused: list[str] = []
+
+    def register(name: str, factory: Callable[..., Any], *, description: str = "", override: bool = False) -> None:
+        problem = registration_problem(name, factory, description, override)
+        if problem:
+            refused.append(problem)  # recorded, so a plugin catching the error is left out all the same
+            raise PluginError(problem)
+        pending.append(
+            Component(
+                stage=stage, name=name, factory=factory, plugin=info.name, description=description,
+                override=override, distribution=info.distribution, version=info.version,
+            )
+        )
+        registered.append(name)
+
+    how = f"disable it with SFT_DISABLE_PLUGINS={info.name}"
+    try:
+        with plugin_code(timeout):
+            function(register=register)
+    except KeyboardInterrupt:
+        raise
+    except PluginTimeout:
+        return f"did not finish {hook} in {timeout:g} s; {how}, or allow it longer with {TIMEOUT_HINT}"
+    except BaseException as exc:
+        if not refused:
+            return f"failed in {hook}: {exception_text(exc)}; {how}"
+    if refused:
+        return f"made a bad call in {hook}: {refused[0]}; fix the plugin or {how}"
+    if host.trace:
+        print(f"sft trace: {hook} -> {info.name}: {', '.join(registered) or '(none)'}", file=sys.stderr)
+    return None
+
+
+def registration_problem(name: Any, factory: Any, description: Any, override: Any) -> str | None:
+    """Why a ``register(...)`` call breaks the `sftcore.hookspecs.Register` contract, or None."""
+    if not isinstance(name, str) or not name.strip():
+        return f"register() needs a non-empty string name, got {kind(name)}"
+    if not callable(factory):
+        return f"register({name!r}, ...) got a factory that is not callable: {kind(factory)}"
+    if not isinstance(description, str):
+        return f"register({name!r}, ...) got a description that is not a string: {kind(description)}"
+    if not isinstance(override, bool):
+        return f"register({name!r}, ...) got override={kind(override)}; it is True or False"
+    return None
 
 
 def one_line(exc: BaseException) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import numbers
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -15,7 +16,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from sftcore import IGNORE_INDEX
-from sftcore.errors import DataError, FieldError, RowDropped, UsageError
+from sftcore.boundary import advice, checked, component_origin, kind, origin_of
+from sftcore.errors import DataError, FieldError, PluginError, RowDropped, UsageError
 from sftcore.registry import Registry
 
 OnBadRow = Literal["error", "skip"]
@@ -56,22 +58,33 @@ class Prepared:
 
 
 def pick_reader(registry: Registry, path: str, name: str | None = None) -> Any:
-    """The reader named, or the one whose suffixes match the file."""
-    if name:
-        return registry.build("reader", name)
-    return reader_component(registry, path).factory()
+    """The reader named, or the one whose suffixes match the file, behind the host's boundary."""
+    component = registry.get("reader", name) if name else reader_component(registry, path)
+    return checked(component, registry.build("reader", name) if name else component.factory())
 
 
 def reader_component(registry: Registry, path: str) -> Any:
     """The reader component whose suffixes match the file."""
     suffix = Path(path).suffix.lower()
-    for component in registry.all():
-        if component.stage != "reader":
-            continue
-        if suffix in tuple(getattr(component.factory(), "suffixes", ())):
+    readers = {c: suffixes_of(c) for c in registry.all() if c.stage == "reader"}
+    for component, suffixes in readers.items():
+        if suffix in suffixes:
             return component
-    known = sorted({s for c in registry.all() if c.stage == "reader" for s in getattr(c.factory(), "suffixes", ())})
+    known = sorted({s for suffixes in readers.values() for s in suffixes})
     raise UsageError(f"{path}: no reader for '{suffix or '(no suffix)'}' files; known: {', '.join(known)}; or pass --reader NAME")
+
+
+def suffixes_of(component: Any) -> tuple[str, ...]:
+    """A reader's ``suffixes``, which the host reads from a reader built with no options."""
+    suffixes = getattr(component.factory(), "suffixes", ())
+    if isinstance(suffixes, str) or not isinstance(suffixes, (list, tuple, set, frozenset)) or not all(
+        isinstance(s, str) for s in suffixes
+    ):
+        raise PluginError(
+            f"{component_origin(component)}: suffixes is {kind(suffixes)}, "
+            f"not a tuple of strings such as ('.jsonl',); fix the plugin or disable it with SFT_DISABLE_PLUGINS={component.plugin}"
+        )
+    return tuple(suffixes)
 
 
 def read_rows(reader: Any, path: str) -> Iterator[tuple[int, Mapping[str, Any] | DataError]]:
@@ -178,13 +191,18 @@ def mask_rows(
 
     chunks = [items[start : start + MASK_BATCH] for start in range(0, len(items), MASK_BATCH)]
     texts = [([i.prompt for i in chunk], [i.response for i in chunk]) for chunk in chunks]
+    origin = origin_of(masker, "masker")
     for chunk, results in zip(chunks, map_in_order(mask_texts, texts, (masker, tokenizer, max_length), workers)):
+        if not isinstance(results, (list, tuple)) or len(results) != len(chunk):
+            # zip() would silently drop the rows a short answer leaves out
+            got = f"{len(results)} results" if isinstance(results, (list, tuple)) else kind(results)
+            raise PluginError(f"{origin}: batch() returned {got} for {len(chunk)} rows; {advice(masker)}")
         for item, result in zip(chunk, results):
             if isinstance(result, RowDropped):
                 prepared.dropped[result.reason] += 1
                 prepared.dropped_rows[item.row] = result.reason
                 continue
-            check_masked(result, max_length, item.row)
+            check_masked(result, max_length, item.row, masker)
             row = {"input_ids": list(result["input_ids"]), "labels": list(result["labels"]), "row": item.row}
             if result.get("truncated"):
                 row["truncated"] = result["truncated"]
@@ -208,12 +226,27 @@ def mask_texts(masker: Any, tokenizer: Any, max_length: int, prompts: list[str],
     return results
 
 
-def check_masked(result: Mapping[str, Any], max_length: int, row: int) -> None:
-    """Enforce the masker contract, so a faulty third-party masker fails loudly, not silently."""
+def check_masked(result: Any, max_length: int, row: int, masker: Any = None) -> None:
+    """Enforce the masker contract, so a faulty third-party masker fails loudly, not silently.
+
+    Ids and labels must be ints (a float id would be truncated by the collator's tensor, a bool
+    read as 0 or 1), ids non-negative, labels a token id or -100. The type check is one
+    ``set(map(type, ...))`` per row, in C: millions of rows pass through here.
+    """
+    if not isinstance(result, Mapping):
+        raise PluginError(
+            f"{origin_of(masker, 'masker')}: returned {kind(result)} for row {row}, not a mapping with "
+            f"input_ids and labels; {advice(masker)}"
+        )
     ids, labels = result.get("input_ids"), result.get("labels")
     where = f"masker output for row {row}"
     if ids is None or labels is None:
         raise UsageError(f"{where} lacks input_ids or labels")
+    problem = id_problem("input_ids", ids, 0) or id_problem("labels", labels, IGNORE_INDEX)
+    if problem is None and result.get("truncated") not in (None, "prompt", "response"):
+        problem = f"truncated is {kind(result['truncated'])}; it is 'prompt' or 'response'"
+    if problem:
+        raise PluginError(f"{origin_of(masker, 'masker')}: output for row {row}: {problem}; {advice(masker)}")
     if len(ids) != len(labels):
         raise UsageError(f"{where}: {len(ids)} input_ids but {len(labels)} labels")
     if len(ids) > max_length:
@@ -227,3 +260,20 @@ def check_masked(result: Mapping[str, Any], max_length: int, row: int) -> None:
             f"{where} supervises only its first token, which is never predicted (labels shift by one "
             "in the loss); a masker must raise RowDropped instead"
         )
+
+
+def id_problem(key: str, values: Any, lowest: int) -> str | None:
+    """Why ``values`` is not a list of ints, each ``>= 0`` or ``lowest`` (-100 for labels)."""
+    if isinstance(values, (str, bytes, Mapping)) or not (hasattr(values, "__len__") and hasattr(values, "__iter__")):
+        return f"{key} is {kind(values)}, not a list of ints"
+    types = set(map(type, values))
+    if not types <= {int}:
+        for t in types:
+            if issubclass(t, bool) or not issubclass(t, numbers.Integral):
+                bad = next(v for v in values if type(v) is t)
+                return f"{key} holds {kind(bad)}; token ids and labels are ints"
+    if values and min(values) < 0:
+        wrong = sorted(v for v in set(values) if v < 0 and v != lowest)
+        if wrong:
+            return f"{key} holds {wrong[0]}; " + ("ids are >= 0" if lowest == 0 else f"labels are >= 0 or {lowest}")
+    return None

@@ -1,0 +1,337 @@
+"""The host's side of every call into plugin code.
+
+Loading a plugin runs its module under a time limit with ``sys.stdout`` pointed at stderr, so
+a plugin that hangs is named instead of hanging every command, and one that prints cannot
+corrupt ``sft plugins --json`` or ``sft preview --json``. A built component is wrapped in a
+`Checked` proxy that checks what each call returns against the protocol in
+`sftcore.protocols`, and refuses anything else in one line naming the component, its plugin
+and distribution; without it, a collator returning a list or a loader returning one object
+surfaced as a traceback deep inside transformers, and float ids were silently truncated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import reprlib
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+from sftcore.errors import DataError, PluginError, SftError, UsageError
+
+TIMEOUT_VARIABLE = "SFT_PLUGIN_TIMEOUT"
+DEFAULT_TIMEOUT = 30.0  # importing torch and transformers cold takes ~10 s on a slow disk
+
+_short = reprlib.Repr()
+_short.maxstring = _short.maxother = 40
+
+
+class PluginTimeout(BaseException):
+    """Raised into a plugin's code when its time is up.
+
+    A `BaseException`, so that the plugin's own ``except Exception`` cannot swallow it.
+    """
+
+
+def plugin_timeout() -> float:
+    """Seconds each plugin may take to load and to register (``SFT_PLUGIN_TIMEOUT``; 0: no limit)."""
+    raw = os.environ.get(TIMEOUT_VARIABLE, "").strip()
+    if not raw:
+        return DEFAULT_TIMEOUT
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise UsageError(f"{TIMEOUT_VARIABLE} must be a number of seconds (0 for no limit), got {raw!r}")
+    return value
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float) -> Iterator[None]:
+    """Raise `PluginTimeout` inside the block once ``seconds`` have passed (0: no limit).
+
+    Signals reach only the main thread of the main interpreter, so elsewhere the block runs
+    without a limit; so it does while another timer is armed (pytest-timeout's, say), which
+    one process-wide ``ITIMER_REAL`` cannot share.
+    """
+    usable = (
+        seconds > 0
+        and hasattr(signal, "setitimer")
+        and threading.current_thread() is threading.main_thread()
+        and signal.getitimer(signal.ITIMER_REAL)[0] == 0
+    )
+    if not usable:
+        yield
+        return
+
+    def expire(signum: int, frame: Any) -> None:
+        raise PluginTimeout(seconds)
+
+    try:
+        previous = signal.signal(signal.SIGALRM, expire)
+    except ValueError:  # a subinterpreter's main thread
+        yield
+        return
+    try:
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+        yield
+    finally:
+        # Nested: an alarm landing while the timer is cancelled must not skip the restore.
+        try:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        finally:
+            signal.signal(signal.SIGALRM, signal.SIG_DFL if previous is None else previous)
+
+
+@contextlib.contextmanager
+def plugin_code(seconds: float) -> Iterator[None]:
+    """Around a plugin's import and registration hooks: a time limit, and stdout sent to stderr."""
+    with time_limit(seconds), contextlib.redirect_stdout(sys.stderr):
+        yield
+
+
+def exception_text(exc: BaseException) -> str:
+    """An exception from plugin code on one line; an exit reads as the call it was."""
+    if isinstance(exc, SystemExit):
+        return f"it called sys.exit({exc.code!r})"
+    message = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+def kind(value: Any) -> str:
+    """A returned value as an error message shows it: its type and a short repr."""
+    return f"{type(value).__name__} {' '.join(_short.repr(value).split())}"
+
+
+# ---- components -----------------------------------------------------------------------------
+
+
+def component_origin(component: Any) -> str:
+    """``collator 'pad' of plugin 'pad' (sftcore 0.1.0)``: how messages name a registered component."""
+    where = " ".join(part for part in (component.distribution, component.version) if part)
+    return f"{component.stage} '{component.name}' of plugin '{component.plugin}'" + (f" ({where})" if where else "")
+
+
+class Checked:
+    """A built component behind the host's boundary; what it does not check passes through.
+
+    ``isinstance`` sees the component's own class (``__class__``), so code that asks what it
+    was given keeps working. Holds only the component and a label, so it pickles to a
+    spawned masking worker.
+    """
+
+    entry = ""  # the method the protocol requires
+
+    def __init__(self, inner: Any, origin: str, plugin: str) -> None:
+        vars(self).update(inner=inner, origin=origin, plugin=plugin)
+        if not callable(getattr(inner, self.entry, None) if self.entry else inner):
+            what = f"has no {self.entry}() method" if self.entry else "is not callable"
+            raise self.wrong(f"its factory returned {kind(inner)}, which {what}")
+
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:
+        return type(vars(self)["inner"])
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or "inner" not in vars(self):
+            raise AttributeError(name)
+        return getattr(vars(self)["inner"], name)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (type(self), self.inner, self.origin, self.plugin))
+
+    def wrong(self, problem: str) -> PluginError:
+        return PluginError(
+            f"{self.origin}: {problem}; fix the plugin or disable it with SFT_DISABLE_PLUGINS={self.plugin}"
+        )
+
+    def call(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``function(*args)`` with stdout sent to stderr: machine-readable output stays clean."""
+        saved = sys.stdout
+        sys.stdout = sys.stderr  # assigned, not redirect_stdout: templates run once per row
+        try:
+            return function(*args, **kwargs)
+        except SystemExit as exc:
+            raise self.wrong(exception_text(exc)) from None
+        finally:
+            sys.stdout = saved
+
+
+def _rebuild(cls: type, inner: Any, origin: str, plugin: str) -> Checked:
+    return cls(inner, origin, plugin)
+
+
+class CheckedTemplate(Checked):
+    entry = "format"
+
+    def format(self, example: Mapping[str, Any]) -> tuple[str, str]:
+        result = self.call(self.inner.format, example)
+        if not isinstance(result, (tuple, list)) or len(result) != 2:
+            raise self.wrong(f"format() returned {kind(result)}, not a (prompt, response) pair of strings")
+        for part, value in zip(("prompt", "response"), result):
+            if not isinstance(value, str):
+                raise self.wrong(f"format() returned a {part} of {kind(value)}, not a string")
+        return result[0], result[1]
+
+    def format_prompt(self, example: Mapping[str, Any]) -> str:
+        method = getattr(self.inner, "format_prompt", None)
+        if not callable(method):
+            raise self.wrong("it has no format_prompt() method, which sft generate needs")
+        prompt = self.call(method, example)
+        if not isinstance(prompt, str):
+            raise self.wrong(f"format_prompt() returned {kind(prompt)}, not a string")
+        return prompt
+
+
+class CheckedMasker(Checked):
+    """Output is checked by the host, per row (`sftcore.pipeline.check_masked`): it knows the row."""
+
+    def __call__(self, prompt: str, response: str, tokenizer: Any, max_length: int) -> Any:
+        return self.call(self.inner, prompt, response, tokenizer, max_length)
+
+    def __getattr__(self, name: str) -> Any:
+        value = super().__getattr__(name)
+        if name == "batch" and callable(value):
+            return lambda *args: self.call(value, *args)
+        return value
+
+
+class CheckedCollator(Checked):
+    def __call__(self, features: list[Any]) -> Any:
+        return check_batch(self, self.call(self.inner, features))
+
+
+def check_batch(collator: Checked, batch: Any) -> Any:
+    """A collator's batch: a mapping whose ``input_ids`` and ``labels`` are 2-D integer tensors
+    of one shape. Checked on every batch: a few attribute reads, nothing per token."""
+    import torch
+
+    if not isinstance(batch, Mapping):
+        raise collator.wrong(f"returned {kind(batch)}, not a mapping of tensors")
+    shapes = []
+    for key in ("input_ids", "labels"):
+        if key not in batch:
+            raise collator.wrong(f"returned a batch without {key} (keys: {', '.join(map(str, batch)) or 'none'})")
+        value = batch[key]
+        if not isinstance(value, torch.Tensor):
+            raise collator.wrong(f"returned {key} as {kind(value)}, not a torch tensor")
+        if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+            raise collator.wrong(f"returned {key} of dtype {value.dtype}; token ids and labels are integers")
+        if value.dim() != 2:
+            raise collator.wrong(f"returned {key} of shape {tuple(value.shape)}; a batch is 2-D (rows, positions)")
+        shapes.append(tuple(value.shape))
+    if shapes[0] != shapes[1]:
+        raise collator.wrong(f"returned input_ids of shape {shapes[0]} but labels of shape {shapes[1]}")
+    return batch
+
+
+class CheckedLoader(Checked):
+    entry = "load"
+
+    def load(self, model_name_or_path: str, **options: Any) -> tuple[Any, Any]:
+        import torch
+
+        result = self.call(self.inner.load, model_name_or_path, **options)
+        if not isinstance(result, (tuple, list)) or len(result) != 2:
+            raise self.wrong(f"load() returned {kind(result)}, not a (model, tokenizer) pair")
+        model, tokenizer = result
+        if not isinstance(model, torch.nn.Module) or getattr(model, "config", None) is None:
+            raise self.wrong(f"load() returned a model of {kind(model)}, not a torch.nn.Module with a config")
+        check_tokenizer(self, tokenizer, "load()")
+        return model, tokenizer
+
+    def __getattr__(self, name: str) -> Any:
+        value = super().__getattr__(name)
+        if name == "load_tokenizer" and callable(value):
+            return lambda *args, **kwargs: check_tokenizer(self, self.call(value, *args, **kwargs), "load_tokenizer()")
+        return value
+
+
+def check_tokenizer(loader: Checked, tokenizer: Any, call: str) -> Any:
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if not callable(getattr(tokenizer, "decode", None)) or isinstance(pad, bool) or not isinstance(pad, int):
+        raise loader.wrong(f"{call} returned a tokenizer of {kind(tokenizer)} without a pad token id")
+    return tokenizer
+
+
+class CheckedReader(Checked):
+    entry = "read"
+
+    def read(self, path: str) -> Iterator[tuple[int, Any]]:
+        rows = self.call(self.inner.read, path)
+        try:
+            rows = iter(rows)
+        except TypeError:
+            raise self.wrong(f"read() returned {kind(rows)}, not an iterator of (row_number, row)") from None
+        while True:
+            try:
+                item = self.call(next, rows)
+            except StopIteration:
+                return
+            except SftError:
+                raise
+            except Exception as exc:  # the contract: nothing but DataError escapes a reader
+                raise self.wrong(f"failed reading {path}: {exception_text(exc)}") from None
+            yield self.checked_row(item)
+
+    def checked_row(self, item: Any) -> tuple[int, Any]:
+        if not isinstance(item, tuple) or len(item) != 2:
+            raise self.wrong(f"read() yielded {kind(item)}, not a (row_number, row) pair")
+        number, row = item
+        if isinstance(number, bool) or not isinstance(number, int):
+            raise self.wrong(f"read() yielded a row number of {kind(number)}, not an int")
+        if not isinstance(row, (Mapping, DataError)):
+            raise self.wrong(f"read() yielded row {number} as {kind(row)}, not a mapping of fields")
+        return number, row
+
+
+WRAPPERS: dict[str, type[Checked]] = {
+    "template": CheckedTemplate,
+    "masker": CheckedMasker,
+    "collator": CheckedCollator,
+    "loader": CheckedLoader,
+    "reader": CheckedReader,
+}
+
+
+def checked(component: Any, built: Any) -> Any:
+    """``built`` (what ``component.factory`` returned) behind the boundary of its stage."""
+    return WRAPPERS[component.stage](built, component_origin(component), component.plugin)
+
+
+def origin_of(component: Any, stage: str) -> str:
+    """How messages name a component: its origin when checked, else its class."""
+    if isinstance(component, Checked):
+        return vars(component)["origin"]
+    return f"{stage} {type(component).__name__}"
+
+
+def advice(component: Any) -> str:
+    """What to do about a component's bad output."""
+    if isinstance(component, Checked):
+        return f"fix the plugin or disable it with SFT_DISABLE_PLUGINS={vars(component)['plugin']}"
+    return "fix the component"
+
+
+def plugin_callbacks(host: Any, config: Mapping[str, Any]) -> list[Any]:
+    """Every plugin's ``trainer_callbacks``, checked: an iterable of `TrainerCallback` instances
+    or classes (the Trainer instantiates a class itself)."""
+    from transformers import TrainerCallback
+
+    callbacks: list[Any] = []
+    for plugin, contributed in host.call_each("trainer_callbacks", config=config):
+        fix = f"fix the plugin or disable it with SFT_DISABLE_PLUGINS={plugin}"
+        label = f"plugin {host.label(plugin)} returned from trainer_callbacks"
+        if isinstance(contributed, (str, bytes, Mapping)) or not hasattr(contributed, "__iter__"):
+            raise PluginError(f"{label} {kind(contributed)}, not a list of TrainerCallback; {fix}")
+        for callback in list(contributed):
+            is_class = isinstance(callback, type) and issubclass(callback, TrainerCallback)
+            if not (is_class or isinstance(callback, TrainerCallback)):
+                raise PluginError(f"{label} {kind(callback)} in its list, not a TrainerCallback; {fix}")
+            callbacks.append(callback)
+    return callbacks
