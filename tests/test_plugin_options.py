@@ -96,7 +96,7 @@ def test_json_gives_the_same_options(plugins):
     assert (components[("reader", "json")]["options"], components[("reader", "json")]["other_options"]) == ([], False)
 
 
-def test_a_factory_without_a_readable_signature_says_so(clean_plugin_env):
+def test_a_factory_without_a_readable_signature_says_so():
     from sftcore.commands.plugins import option_lines, options_of
     from sftcore.registry import Component
 
