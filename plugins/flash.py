@@ -8,8 +8,10 @@ Precision: bf16 where the GPU supports it, fp32 otherwise (CPU training in bf16 
 ``chunked_loss``: the loss over the lm_head in chunks of ``loss_chunk_tokens`` (sftcore.loss),
 never the whole (tokens x vocabulary) logits and their float32 copy, often a run's peak memory.
 The tokenizer pads on the right, adds no EOS by itself and gets a pad token if it lacks one:
-an unused special token it already has (unk, a reserved or pad token), else a new ``<|pad|>``
-with the embeddings resized to a multiple of 64, new rows initialised to the mean of the old.
+an unused special token it already has (unk, a reserved or pad token), else a new ``<|pad|>``.
+Tokens added to the model's own tokenizer (that pad, chat markers) get embedding rows, resized
+to a multiple of 64 and initialised to the mean of the old; a tokenizer of another model (its
+base vocabulary larger than the embeddings) is refused (sftcore.vocab).
 """
 
 from __future__ import annotations
@@ -18,14 +20,14 @@ import logging
 from typing import Any, Literal
 
 from sftcore import hookimpl
-from sftcore.weights import check_weights, loading
+from sftcore.vocab import embedding_rows, fit_embeddings, refuse_foreign_tokenizer
+from sftcore.weights import check_json_files, check_weights, loading, loading_model
 
 log = logging.getLogger("sftcore.loader")
 
 Attention = Literal[
     "auto", "flash_attention_4", "flash_attention_3", "flash_attention_2", "sft_varlen", "sdpa", "eager"
 ]
-PAD_MULTIPLE = 64
 
 
 def pick_attention(requested: str = "auto", packing: bool = False) -> tuple[str, str]:
@@ -107,7 +109,7 @@ class FlashLoader:
             if dtype not in varlen.KERNEL_DTYPES:
                 log.warning("sft_varlen: its kernel takes fp16/bf16 only; in %s each example goes through sdpa alone (slow)", dtype)
         tokenizer = self.load_tokenizer(model_name_or_path, **options)
-        with loading("model", model_name_or_path):
+        with loading_model(model_name_or_path):
             model = AutoModelForCausalLM.from_pretrained(
                 model_name_or_path,
                 dtype=dtype,
@@ -115,14 +117,21 @@ class FlashLoader:
                 trust_remote_code=opts["trust_remote_code"],
                 use_safetensors=None if opts["allow_pickle"] else True,
             )
+        refuse_foreign_tokenizer(model, tokenizer, model_name_or_path)  # before a pad token is added to it
         if tokenizer.pad_token_id is None:
-            add_pad_token(tokenizer, model)
-        model.config.pad_token_id = tokenizer.pad_token_id
+            add_pad_token(tokenizer)
+        fit_embeddings(model, tokenizer, model_name_or_path)
+        set_pad_token_id(model, tokenizer.pad_token_id)
         if opts["chunked_loss"]:
             from sftcore.loss import enable_chunked_loss
 
             enable_chunked_loss(model, opts["loss_chunk_tokens"])
             log.info("loss: over the lm_head in chunks of %d tokens", opts["loss_chunk_tokens"])
+        else:
+            from sftcore.loss import chunked_loss_advice
+
+            if advice := chunked_loss_advice(model.config, embedding_rows(model)):
+                log.info("%s", advice)
         return model, tokenizer
 
     def load_tokenizer(self, model_name_or_path: str, **options: Any) -> Any:
@@ -136,6 +145,7 @@ class FlashLoader:
         opts = {**self.options, **options}
         if opts["trust_remote_code"]:  # `load` comes through here too: one warning either way
             log.warning("trust_remote_code is on: code shipped in %s will run", model_name_or_path)
+        check_json_files(model_name_or_path)
         with loading("tokenizer", model_name_or_path):
             tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, trust_remote_code=opts["trust_remote_code"])
         tokenizer.padding_side = "right"
@@ -190,15 +200,26 @@ def unused_special(tokenizer: Any) -> str | None:
     return None
 
 
-def add_pad_token(tokenizer: Any, model: Any) -> None:
+def add_pad_token(tokenizer: Any) -> None:
+    """An unused special token as pad, else a new ``<|pad|>`` (`fit_embeddings` gives it a row)."""
     existing = unused_special(tokenizer)
     if existing is not None:
         tokenizer.pad_token = existing
         log.info("pad token: using the unused special token %r", existing)
         return
     tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
-    model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=PAD_MULTIPLE, mean_resizing=True)
-    log.info("pad token: added '<|pad|>', embeddings resized to %d", model.get_input_embeddings().weight.shape[0])
+    log.info("pad token: added '<|pad|>' (id %d)", tokenizer.pad_token_id)
+
+
+def set_pad_token_id(model: Any, pad_token_id: int) -> None:
+    """The pad id in the model's config and generation config.
+
+    Both: the Trainer otherwise aligns the generation config itself, with a warning on every
+    run restating the pad token the lines above have logged.
+    """
+    model.config.pad_token_id = pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = pad_token_id
 
 
 @hookimpl

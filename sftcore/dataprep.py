@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -66,11 +67,71 @@ def tokenizer_source(config: Mapping[str, Any]) -> str:
 
 
 MAX_LENGTH_CAP = 2048
+# Where config.json states the positions a model takes (Llama and most; GPT-2; MPT; ChatGLM; GPT-J).
+POSITION_FIELDS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "n_ctx")
+# RoPE scalings that stretch max_position_embeddings by their factor. llama3 and longrope, and yarn
+# with an original_max_position_embeddings below it, state the stretched length themselves.
+STRETCHING_ROPE = ("linear", "dynamic", "yarn")
 
 
-def default_max_length_for(tokenizer: Any) -> int:
+def default_max_length_for(tokenizer: Any, positions: int | None = None) -> int:
     """The model's length, capped: a loader sets the tokenizer's model_max_length to the model's."""
-    return int(min(tokenizer.model_max_length, MAX_LENGTH_CAP))
+    return int(min(tokenizer.model_max_length, MAX_LENGTH_CAP, positions or MAX_LENGTH_CAP))
+
+
+def model_positions(source: str) -> tuple[int, str] | None:
+    """``(positions, where config.json says so)`` for the model at ``source``; None when it does not say.
+
+    Read from config.json itself: no weights, no remote code, cheap enough for `sft preview`.
+    """
+    try:
+        config = json.loads((Path(source) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # no config (a tokenizer directory) or a broken one, which loading names
+        return None
+    if not isinstance(config, dict):
+        return None
+    if isinstance(config.get("text_config"), dict) and not any(f in config for f in POSITION_FIELDS):
+        config = config["text_config"]  # a multimodal model: its language model's length
+    found = next(((f, config[f]) for f in POSITION_FIELDS if _positive_int(config.get(f))), None)
+    if found is None:
+        return None
+    name, positions = found
+    rope = config.get("rope_scaling") or config.get("rope_parameters")
+    if isinstance(rope, dict):
+        kind, factor = rope.get("rope_type") or rope.get("type"), rope.get("factor")
+        original = rope.get("original_max_position_embeddings")
+        stretched = isinstance(factor, (int, float)) and factor > 1 and (original is None or original >= positions)
+        if kind in STRETCHING_ROPE and stretched:
+            return int(positions * factor), f"{name} {positions} x {kind} rope factor {factor}"
+    return positions, f"{name} {positions}"
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def cap_max_length(config: dict[str, Any]) -> None:
+    """Lower a configured ``max_length`` beyond the model's positions to them, with a log line.
+
+    Capped rather than refused: max_length bounds a row, and no row can be longer than the
+    model's positions anyway; asking for more means "cut as little as possible", which the cap
+    does. Past them, a learned position table fails with an IndexError and RoPE runs on positions
+    it never saw, after tokenizing and padding for a length that takes gigabytes.
+    """
+    asked = config.get("max_length")
+    found = model_positions(tokenizer_source(config)) if asked else None
+    if found is not None and asked > found[0]:
+        config["max_length"] = found[0]
+        log.warning("max_length: %d is more than the model takes (%s in config.json); capped to %d", asked, found[1], found[0])
+
+
+def resolve_max_length(config: dict[str, Any], tokenizer: Any) -> int:
+    """The run's max_length: the configured one (`cap_max_length`), else the model's, capped at 2048."""
+    cap_max_length(config)
+    if config.get("max_length"):
+        return int(config["max_length"])
+    found = model_positions(tokenizer_source(config))
+    return default_max_length_for(tokenizer, found[0] if found else None)
 
 
 def format_data(
@@ -121,7 +182,11 @@ def load_tokenizer(host: Host, config: Mapping[str, Any], path: str) -> Any:
         return loader.load_tokenizer(path)
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path)
+    from sftcore.weights import check_json_files, loading
+
+    check_json_files(path)
+    with loading("tokenizer", path):
+        return AutoTokenizer.from_pretrained(path)
 
 
 def cache_directory(config: Mapping[str, Any]) -> Path | None:
@@ -144,6 +209,7 @@ def prepare_data(host: Host, config: dict[str, Any], *, progress: bool = True, w
     """
     from sftcore import cache
 
+    cap_max_length(config)  # before the key: a capped length shares the entry of the same length asked for
     directory, key = cache_directory(config), None
     if directory is not None:
         try:
@@ -156,7 +222,7 @@ def prepare_data(host: Host, config: dict[str, Any], *, progress: bool = True, w
         return data
     items, data = format_data(host, config, progress=progress)
     tokenizer = load_tokenizer(host, config, tokenizer_source(config))
-    config["max_length"] = config.get("max_length") or default_max_length_for(tokenizer)
+    config["max_length"] = resolve_max_length(config, tokenizer)
     mask_data(host, config, items, data, tokenizer, config["max_length"], progress, workers)
     cache.flatten(data)
     if key is not None and (path := cache.store(directory, key, data, config["max_length"])) is not None:

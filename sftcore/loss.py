@@ -14,6 +14,11 @@ from sftcore import IGNORE_INDEX
 from sftcore.errors import SftError
 
 PROBE_TOKENS = 32
+# From 2**16 tokens on, the plain loss's logits dominate: 4K tokens of a 64K vocabulary are 1 GiB in
+# float32, 3 GiB with the model-dtype logits and the gradient, more than a 1B model's weights. Llama 2,
+# Mistral (32K) and GPT-2 (50K) stay below; Llama 3 (128K), Qwen (151K) and Gemma (256K) are above.
+LARGE_VOCABULARY = 1 << 16
+CHUNKED_LOSS_OPTION = "--loader-opt chunked_loss=true"
 
 
 def chunked_causal_lm_loss(
@@ -99,6 +104,19 @@ def enable_chunked_loss(model: Any, chunk: int = 1024) -> Any:
 
     model.forward = forward
     return model
+
+
+def chunked_loss_advice(config: Any, vocabulary: int) -> str | None:
+    """A line suggesting the chunked loss for a model with a large vocabulary, or None.
+
+    None too for a model the chunked loss would refuse (`logit_transform`).
+    """
+    if vocabulary < LARGE_VOCABULARY or logit_transform(config):
+        return None
+    return (
+        f"loss: a vocabulary of {vocabulary:,} tokens makes the full logits (tokens x vocabulary, and a float32 copy) "
+        f"the likely peak of memory and time; {CHUNKED_LOSS_OPTION} computes the loss in chunks without them"
+    )
 
 
 def logit_transform(config: Any) -> str | None:

@@ -21,6 +21,7 @@ from sftcore.manager import Host
 from sftcore.dataprep import BUILTIN_MODEL, build_stage, eval_rows, model_path, prepare_data
 from sftcore.pipeline import Prepared
 from sftcore.stats import BatchCounter, LossCurve
+from sftcore.vocab import check_token_ids
 
 log = logging.getLogger("sftcore.run")
 CONFIG_FILE = "sft_config.yaml"
@@ -196,6 +197,7 @@ def fit(
     output.mkdir(parents=True, exist_ok=True)
     loader = build_stage(host, config, "loader", packing=padding_free(host, config))
     model, tokenizer = loader.load(model_path(config))
+    check_token_ids(model, tokenizer, data.rows, held_out)  # an id without an embedding fails mid-step otherwise
     if not data.rows:
         raise SftError(
             f"{config['data']}: no row left to train on ({data.rows_read} read; skipped {dict(data.skipped)}; "

@@ -10,7 +10,8 @@ import pytest
 import torch
 import transformers
 
-from sftcore_plugins.flash import PAD_MULTIPLE, FlashLoader, pick_attention, pick_dtype
+from sftcore.vocab import PAD_MULTIPLE
+from sftcore_plugins.flash import FlashLoader, pick_attention, pick_dtype
 
 
 @pytest.fixture(scope="module")

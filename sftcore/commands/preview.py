@@ -33,11 +33,11 @@ def command(ctx: click.Context, config_file, tokenizer_path, limit, as_json, **v
 
     With no --model and no --data (and no config naming them): the bundled demo, as `sft run`.
     """
-    from sftcore.dataprep import default_max_length_for, format_data, load_tokenizer, mask_data, tokenizer_source
+    from sftcore.dataprep import format_data, load_tokenizer, mask_data, resolve_max_length, tokenizer_source
 
     host, config = data_config(ctx, config_file, tokenizer_path, values)
     tokenizer = load_tokenizer(host, config, tokenizer_source(config))
-    max_length = config.get("max_length") or default_max_length_for(tokenizer)
+    max_length = resolve_max_length(config, tokenizer)
     items, prepared = format_data(host, config, limit=limit)
     mask_data(host, config, items, prepared, tokenizer, max_length, progress=False)
     masked = {row["row"]: row for row in prepared.rows}
