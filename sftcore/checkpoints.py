@@ -85,8 +85,12 @@ def write_marker(checkpoint: Path, step: int) -> None:
     os.replace(temporary, checkpoint / MARKER)  # a kill leaves no half-written marker
 
 
-def damage(checkpoint: Path) -> str | None:
-    """Why ``checkpoint`` cannot be resumed from, or None when it is complete and intact."""
+def damage(checkpoint: Path, *, verify: bool = True) -> str | None:
+    """Why ``checkpoint`` cannot be resumed from, or None when it is complete and intact.
+
+    ``verify=False`` checks names and sizes only: hashing reads the whole checkpoint, which one
+    process of a run does for all (`sftcore.train.run` hands its choice to the others).
+    """
     from sftcore.cache import file_digest
 
     if not (checkpoint / MARKER).is_file() or not (checkpoint / "trainer_state.json").is_file():
@@ -101,20 +105,20 @@ def damage(checkpoint: Path) -> str | None:
             return f"{name} is missing"
         if path.stat().st_size != expected["size"]:
             return f"{name} has {path.stat().st_size} bytes, {expected['size']} when saved"
-        if file_digest(path) != expected["sha256"]:
+        if verify and file_digest(path) != expected["sha256"]:
             return f"{name} differs from the file saved (sha256)"
     return None
 
 
-def is_complete(checkpoint: Path) -> bool:
-    return damage(checkpoint) is None
+def is_complete(checkpoint: Path, *, verify: bool = True) -> bool:
+    return damage(checkpoint, verify=verify) is None
 
 
-def newest_complete(output: Path) -> tuple[Path | None, list[Path]]:
+def newest_complete(output: Path, *, verify: bool = True) -> tuple[Path | None, list[Path]]:
     """The newest complete checkpoint, and the incomplete or damaged ones newer than it."""
     incomplete: list[Path] = []
     for _step, path in reversed(checkpoints(output)):
-        if is_complete(path):
+        if is_complete(path, verify=verify):
             return path, incomplete
         incomplete.append(path)
     return None, incomplete
@@ -247,10 +251,13 @@ def _flat(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def check_output(output: Path, config: Mapping[str, Any], *, resume: bool, overwrite: bool, remove: bool = True) -> Path | None:
+def check_output(
+    output: Path, config: Mapping[str, Any], *, resume: bool, overwrite: bool, remove: bool = True, verify: bool = True
+) -> Path | None:
     """Apply the output rules (module docstring); return the checkpoint to resume from, if any.
 
-    ``remove=False`` (a process other than the main one) only checks, leaving removal to the main one.
+    ``remove=False`` (a process other than the main one) only checks, leaving removal to the main
+    one; ``verify=False`` leaves hashing the checkpoint's files to it too (`damage`).
     """
     if resume and overwrite:
         raise UsageError("--resume continues the run in the output directory, --overwrite replaces it: pass one of them")
@@ -265,7 +272,8 @@ def check_output(output: Path, config: Mapping[str, Any], *, resume: bool, overw
             clear(output)
         return None
     saved_file = output / CONFIG_FILE
-    changed = differences(cfg.load_yaml(str(saved_file)), config)
+    # Paths compared absolute: a saved config holds them so (`sftcore.config.dump`), older ones as typed.
+    changed = differences(cfg.absolute_paths(cfg.load_yaml(str(saved_file))), cfg.absolute_paths(config))
     if changed:
         what = "; ".join(changed[:4]) + (f"; and {len(changed) - 4} more" if len(changed) > 4 else "")
         verb = "--resume needs the config it was started with" if resume else "choose another --output"
@@ -288,9 +296,9 @@ def check_output(output: Path, config: Mapping[str, Any], *, resume: bool, overw
             f"--resume: {output} was trained with save_only_model, so its checkpoints hold no optimizer, "
             f"scheduler or RNG state to continue from; pass --overwrite to start again"
         )
-    checkpoint, ignored = newest_complete(output)
+    checkpoint, ignored = newest_complete(output, verify=verify)
     for path in ignored:
-        log.warning("ignoring %s: %s", path, damage(path))
+        log.warning("ignoring %s: %s", path, damage(path, verify=verify))
     if checkpoint is None:
         raise UsageError(f"--resume: {output} has no complete checkpoint to resume from; pass --overwrite to start again")
     log.info("resuming from %s", checkpoint)
@@ -308,6 +316,7 @@ def clear(output: Path) -> None:
     removed += [output / name for name in model_files(output) if (output / name).is_file()]
     removed += [path for _step, path in checkpoints(output) if _written_by_trainer(path)]
     removed += [output / name for name in RUN_RECORDS if (output / name).is_file()]
+    removed = list(dict.fromkeys(removed))  # the summary lists trainer_state.json, a record too
     for path in removed:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     if removed:

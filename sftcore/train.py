@@ -150,7 +150,8 @@ def run(
         claim(output)
     # The main process holds the directory for the whole run: a second run there fails at once.
     with locked(output) if main else nullcontext():
-        checkpoint = check_output(output, config, resume=resume, overwrite=overwrite, remove=main)
+        checkpoint = check_output(output, config, resume=resume, overwrite=overwrite, remove=main, verify=main)
+        checkpoint = distributed.agreed(checkpoint)  # the one the main process verified, file by file
         # The main process prepares and caches; the others wait for it, then read its cache.
         with args.main_process_first(desc="preparing data"):
             data = prepare_data(host, config, progress=progress)
@@ -168,14 +169,25 @@ WRITE_HINTS = {
 }
 
 
+# How torch.save and safetensors report a write that failed (a full disk): not as an OSError.
+WRITE_FAILED = ("file write failed", "os error 28", "No space left on device")
+
+
 @contextmanager
 def output_errors(output: Path) -> Iterator[None]:
     """An OSError while the run reads or writes its files as one line naming the file."""
+    from safetensors import SafetensorError
+
     try:
         yield
     except OSError as exc:
         where = exc.filename or output
         raise SftError(f"{where}: {exc.strerror or exc}{WRITE_HINTS.get(exc.errno, '')}") from None
+    except (RuntimeError, SafetensorError) as exc:
+        text = (str(exc).strip().splitlines() or [""])[-1]
+        if not any(sign in text for sign in WRITE_FAILED):
+            raise
+        raise SftError(f"output {output}: a file could not be written ({text}){WRITE_HINTS[errno.ENOSPC]}") from None
 
 
 def padding_free(host: Host, config: Mapping[str, Any]) -> bool:

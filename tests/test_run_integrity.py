@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import math
 import os
 import shutil
@@ -16,12 +17,13 @@ import sys
 import textwrap
 
 import pytest
+from safetensors import SafetensorError
 from cli_runs import ROWS, forbid_model_loading, sft, write_jsonl
 
-from sftcore import cache
+from sftcore import cache, hookimpl
 from sftcore.checkpoints import DATA_FILE, LOCK_FILE, MARKER, check_output, damage, locked, newest_complete, write_marker
-from sftcore.errors import UsageError
-from sftcore.train import SUMMARY_FILE, Summary, default_output
+from sftcore.errors import SftError
+from sftcore.train import SUMMARY_FILE, Summary, default_output, output_errors
 
 ARGS = ("--max-steps", "2", "--batch-size", "2", "--lr", "1e-3", "--set", "save_steps=1", "--no-progress")
 
@@ -94,6 +96,26 @@ def test_overwrite_in_an_sft_run_leaves_a_checkpoint_holding_files_sftcore_does_
 # ---- the final model: removed first by --overwrite, trusted only once summary.json is there --
 
 
+class KilledAtStep:
+    """Stops the process at the end of step ``at`` as a kill would: nothing more is saved."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    @hookimpl
+    def trainer_callbacks(self, config):
+        from transformers import TrainerCallback
+
+        at = self.at
+
+        class Kill(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if state.global_step == at:
+                    raise KeyboardInterrupt
+
+        return [Kill()]
+
+
 @pytest.mark.slow
 def test_overwrite_removes_the_old_final_model_before_the_new_run_trains(monkeypatch, tmp_path, finished, tiny_model_dir, data):
     output = tmp_path / "out"
@@ -102,12 +124,12 @@ def test_overwrite_removes_the_old_final_model_before_the_new_run_trains(monkeyp
     written = json.loads((output / SUMMARY_FILE).read_text())["model_files"]
     assert {"model.safetensors", "config.json", "tokenizer.json"} <= set(written)
 
-    def killed(*args, **kwargs):  # the new run dies before it saves its model
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr("sftcore.train.fit", killed)
-    result = run(monkeypatch, tiny_model_dir, data, output, "--overwrite", "--seed", "5")
-    assert result.exit_code == 130
+    result = sft(
+        monkeypatch, "run", "--model", tiny_model_dir, "--data", data, "--output", output, *ARGS, "--overwrite",
+        "--seed", "5", "--set", "save_steps=100", extra={"killed": KilledAtStep(1)},
+    )
+    assert result.exit_code == 130, result.output
+    assert (output / "sft_config.yaml").is_file(), "the new run had started"
     assert not any((output / name).exists() for name in written)
     assert not (output / SUMMARY_FILE).exists() and not list(output.glob("checkpoint-*"))
     result = sft(monkeypatch, "generate", "--model", output, "--instruction", "hi")
@@ -241,6 +263,7 @@ def test_resume_refuses_data_that_changed_since_the_run_started(monkeypatch, sto
 
 @pytest.mark.slow
 def test_a_damaged_newest_checkpoint_is_skipped_for_the_previous_one(monkeypatch, caplog, stopped, tiny_model_dir, data):
+    caplog.set_level(logging.INFO, "sftcore")
     optimizer = stopped / "checkpoint-2" / "optimizer.pt"
     size = optimizer.stat().st_size
     with open(optimizer, "r+b") as handle:
@@ -287,7 +310,7 @@ def test_the_temporary_of_a_killed_cache_write_goes_at_the_next_use(tmp_path):
         [sys.executable, "-c", textwrap.dedent(f"""
             import os, signal
             import safetensors.numpy
-            from sftcore import cache
+            from sftcore import cache, hookimpl
             from sftcore.pipeline import Prepared
 
             def save_file(arrays, path, metadata=None):
@@ -374,10 +397,26 @@ def test_a_full_disk_while_saving_the_model_is_one_line(monkeypatch, tmp_path, t
     result = run(monkeypatch, tiny_model_dir, data, output, load=True)
     assert result.exit_code == 1
     assert result.stderr.splitlines()[-1] == (
-        f"Error: {output / 'model.safetensors'}: No space left on device; free some space, then run again "
+        f"Error: {output / 'checkpoint-1' / 'model.safetensors'}: No space left on device; free some space, then run again "
         "(--resume continues from a complete checkpoint)"
     )
     assert "Traceback" not in result.output and not (output / SUMMARY_FILE).exists()
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file data/0: file write failed"),
+        SafetensorError('Error while serializing: I/O error: No space left on device (os error 28) at path "out/model.safetensors"'),
+    ],
+)
+def test_a_full_disk_reported_by_torch_or_safetensors_is_one_line(tmp_path, error):
+    with pytest.raises(SftError) as caught, output_errors(tmp_path):
+        raise error
+    assert str(caught.value).startswith(f"output {tmp_path}: a file could not be written (")
+    assert str(caught.value).endswith("); free some space, then run again (--resume continues from a complete checkpoint)")
+    with pytest.raises(RuntimeError, match="another problem"), output_errors(tmp_path):
+        raise RuntimeError("another problem")
 
 
 def test_any_other_os_error_is_one_line_at_the_command_line(monkeypatch, tmp_path):

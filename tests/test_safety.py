@@ -66,6 +66,7 @@ def test_a_checkpoint_cut_short_is_one_line_not_a_traceback(tmp_path, tiny_model
 def test_generate_on_weights_cut_short_is_one_line(monkeypatch, tmp_path, tiny_model_dir):
     run_dir = cut_short(tiny_model_dir, tmp_path / "run")
     (run_dir / "sft_config.yaml").write_text("template: alpaca\n")
+    (run_dir / "summary.json").write_text("{}")  # a finished run, copied by a copy that was killed
     result = sft(monkeypatch, "generate", "--model", run_dir, "--instruction", "Say hi.", "--no-progress")
     assert result.exit_code == 1
     assert result.stderr.startswith(f"Error: cannot load the model from {run_dir}: Error while deserializing header")
