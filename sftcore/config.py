@@ -18,6 +18,11 @@ Shape (every key optional; `sft run` with none trains the bundled demo)::
     training:                    # any transformers.TrainingArguments field
       num_train_epochs: 3
       learning_rate: 2.0e-5
+    epochs: 3                    # the flags' names work too (see FLAG_TO_TRAINING), not beside their field
+
+Relative paths in a config file are read from the file's directory; on the command line, from
+the current one. Training values are typed by their field as the user writes them (`typed`),
+and every value is checked in one place (`problems`), by `sft validate` and `sft run` alike.
 
 Each component owns its options; this module only routes them by name.
 """
@@ -27,7 +32,10 @@ from __future__ import annotations
 import copy
 import difflib
 import enum
+import functools
 import math
+import os
+import types
 import typing
 from collections.abc import Mapping
 from pathlib import Path
@@ -43,6 +51,39 @@ TOP_KEYS = {
     "model", "data", "eval_data", "eval_split", "output", "max_length", "on_bad_row", "on_duplicate", "cache_dir",
     "training", *STAGES,
 }
+# `sft run`'s training flags, which a config file may give at its top level by the same names.
+FLAG_TO_TRAINING = {
+    "epochs": "num_train_epochs",
+    "lr": "learning_rate",
+    "batch_size": "per_device_train_batch_size",
+    "grad_accum": "gradient_accumulation_steps",
+    "seed": "seed",
+    "max_steps": "max_steps",
+}
+PATH_KEYS = ("model", "data", "eval_data", "output", "cache_dir")
+# TrainingArguments fields sftcore sets itself: a value given in training would be overridden or ignored.
+HOST_TRAINING = {
+    "output_dir": "give --output (or output: in the config file)",
+    "resume_from_checkpoint": "pass --resume with --output (sftcore picks the checkpoint)",
+}
+# Where the Trainer, torch's optimizers or numpy's seeding fail, or nothing is trained:
+# (lowest, lowest allowed?, highest or None, highest allowed?).
+NUMBER_RANGES: dict[str, tuple[float, bool, float | None, bool]] = {
+    "per_device_train_batch_size": (1, True, None, False),
+    "per_device_eval_batch_size": (1, True, None, False),
+    "gradient_accumulation_steps": (1, True, None, False),
+    "learning_rate": (0, True, None, False),
+    "weight_decay": (0, True, None, False),
+    "warmup_steps": (0, True, None, False),
+    "adam_epsilon": (0, True, None, False),
+    "adam_beta1": (0, True, 1, False),
+    "adam_beta2": (0, True, 1, False),
+    "seed": (0, True, 2**32 - 1, True),  # numpy seeds with 32 bits
+    "data_seed": (0, True, 2**32 - 1, True),
+    "dataloader_num_workers": (0, True, None, False),
+}
+# A strategy of "steps" and the field giving its interval (a whole number, or below 1 a fraction of all steps).
+STEP_INTERVALS = {"logging_strategy": "logging_steps", "save_strategy": "save_steps", "eval_strategy": "eval_steps"}
 # Options the host supplies itself, so a factory may require them without the user passing them.
 HOST_OPTIONS = {"collator": {"pad_token_id", "attn_implementation"}, "loader": {"packing"}}
 
@@ -68,22 +109,79 @@ DEMO_TRAINING: dict[str, Any] = {
 
 
 def load_yaml(path: str) -> dict[str, Any]:
+    """A YAML file's top-level mapping, as written (see `read` for a run config as a run takes it)."""
+    return _load(path)[0]
+
+
+def _load(path: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """The mapping, and the words YAML read as booleans in its ``training`` (``no``, ``off``...) by field."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise UsageError(f"{path}: cannot read config: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        line = exc.object[: exc.start].count(b"\n") + 1
+        raise UsageError(
+            f"{path}, line {line}: byte 0x{exc.object[exc.start]:02x} is not UTF-8; save the config as UTF-8 text"
+        ) from None
+    loader = yaml.SafeLoader(text)  # safe: a config can never construct Python objects
     try:
-        data = yaml.safe_load(text)  # safe: a config can never construct Python objects
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as exc:
         # PyYAML's message spans several lines with a source excerpt; the CLI prints one line.
         mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None) or " ".join(str(exc).split())
         where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise UsageError(f"{path}{where}: invalid YAML: {problem}") from None
+    finally:
+        loader.dispose()
     if data is None:
-        return {}
+        return {}, {}
     if not isinstance(data, dict):
         raise UsageError(f"{path}: expected a mapping of keys at the top, got {type(data).__name__}")
-    return data
+    return data, _bool_words(node, "training")
+
+
+def _bool_words(node: yaml.Node, key: str) -> dict[str, str]:
+    """YAML 1.1 reads ``no``, ``off`` and ``yes`` as booleans; a text field wants the word back."""
+    for name, value in node.value if isinstance(node, yaml.MappingNode) else ():
+        if isinstance(name, yaml.ScalarNode) and name.value == key and isinstance(value, yaml.MappingNode):
+            return {
+                field.value: word.value.lower()
+                for field, word in value.value
+                if isinstance(field, yaml.ScalarNode) and isinstance(word, yaml.ScalarNode) and word.tag.endswith(":bool")
+            }
+    return {}
+
+
+def read(path: str) -> dict[str, Any]:
+    """A YAML run config as a run takes it: the flags' names moved into ``training``, relative
+    paths made relative to the file's directory, training values typed by their fields."""
+    config, words = _load(path)
+    training = config.get("training") or {}
+    if isinstance(training, Mapping):  # anything else stays as written, for `problems` to report
+        training = {key: typed(key, value, words.get(key)) for key, value in training.items()}
+        for flag, field in FLAG_TO_TRAINING.items():
+            if flag in config and field not in training:  # both given: left for `problems` to report
+                training[field] = typed(field, config.pop(flag))
+        if training or "training" in config:
+            config["training"] = training
+    base = os.path.dirname(path)
+    for key in PATH_KEYS:
+        value = config.get(key)
+        if base and isinstance(value, str) and value and not value.startswith("builtin:") and not os.path.isabs(value):
+            config[key] = os.path.normpath(os.path.join(base, value))
+    return config
+
+
+def absolute_paths(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The config with its relative paths made absolute (from the current directory)."""
+    out = dict(config)
+    for key in PATH_KEYS:
+        value = out.get(key)
+        if isinstance(value, str) and value and not value.startswith("builtin:"):
+            out[key] = os.path.abspath(value)
+    return out
 
 
 def component(config: Mapping[str, Any], stage: str) -> tuple[str | None, dict[str, Any]]:
@@ -102,22 +200,69 @@ def set_component(config: dict[str, Any], stage: str, name: str | None, options:
     current_name, current_options = component(config, stage)
     if name is None and not options and stage not in config:
         return
+    if not isinstance(current_options, Mapping):  # options: [1] stays as written, for `problems` to report
+        return
     merged = {**current_options, **options}
     config[stage] = {"name": name or current_name, "options": merged}
 
 
 def parse_assignments(pairs: tuple[str, ...] | list[str], what: str) -> dict[str, Any]:
     """``key=value`` strings to a dict; values are YAML scalars (``3``, ``0.1``, ``true``, ``null``)."""
-    out: dict[str, Any] = {}
+    return {key: value for key, value, _raw in _assignments(pairs, what)}
+
+
+def training_assignments(pairs: tuple[str, ...] | list[str]) -> dict[str, Any]:
+    """``--set field=value`` strings to training values, typed by their fields (`typed`)."""
+    return {key: typed(key, value, raw.strip().lower()) for key, value, raw in _assignments(pairs, "--set")}
+
+
+def _assignments(pairs: tuple[str, ...] | list[str], what: str) -> list[tuple[str, Any, str]]:
+    out = []
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep or not key.strip():
             raise UsageError(f"{what} expects key=value, got {pair!r}")
         try:
-            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+            value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
-            out[key.strip()] = raw
+            value = raw
+        out.append((key.strip(), value, raw))
     return out
+
+
+@functools.lru_cache(maxsize=1)
+def training_fields() -> dict[str, Any]:
+    """TrainingArguments' dataclass fields by name (imports transformers, not torch's models)."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    return {f.name: f for f in dataclasses.fields(TrainingArguments)}
+
+
+def typed(key: str, value: Any, word: str | None = None) -> Any:
+    """A training value as its field's type reads what the user wrote.
+
+    YAML reads ``no`` as false and ``2e-5`` (no dot) as text: a text field given a boolean gets
+    ``word``, the word written (``save_strategy: no`` is "no"), and a number field given text
+    that reads as a number gets the number. Anything else is returned as it is, for `problems`.
+    """
+    field = training_fields().get(key)
+    if field is None:
+        return value
+    kinds = typing.get_args(field.type) if typing.get_origin(field.type) in (typing.Union, types.UnionType) else (field.type,)
+    literal = {v for kind in kinds if typing.get_origin(kind) is typing.Literal for v in typing.get_args(kind)}
+    text = any(kind is str or (isinstance(kind, type) and issubclass(kind, enum.Enum)) for kind in kinds)
+    if isinstance(value, bool) and bool not in kinds and value not in literal and text:
+        return word or str(value).lower()
+    if isinstance(value, str) and not text:
+        for number in (float, int):
+            if number in kinds:
+                try:
+                    return number(value)
+                except ValueError:
+                    return value
+    return value
 
 
 def is_demo(config: Mapping[str, Any]) -> bool:
@@ -144,12 +289,20 @@ def effective(config: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def problems(config: Mapping[str, Any], registry: Registry, *, check_files: bool = True) -> list[str]:
-    """Every problem in an effective config, without loading a model."""
+def problems(config: Mapping[str, Any], registry: Registry, *, check_files: bool = True, weights: bool = True) -> list[str]:
+    """Every problem in an effective config, without loading a model.
+
+    ``check_files``: the files named exist (and, with ``weights``, the model directory holds weights).
+    """
     found: list[str] = []
+    training = config.get("training") or {}
     for key in config:
-        if key not in TOP_KEYS:
-            close = difflib.get_close_matches(str(key), sorted(TOP_KEYS), n=1)
+        if key in FLAG_TO_TRAINING:  # `read` moves a flag's name into training unless its field is there too
+            field = FLAG_TO_TRAINING[key]
+            found.append(f"give {key} or training.{field}, not both" if isinstance(training, Mapping) and field in training
+                         else f"{key} belongs in training, as {field}")
+        elif key not in TOP_KEYS:
+            close = difflib.get_close_matches(str(key), sorted(TOP_KEYS | FLAG_TO_TRAINING.keys()), n=1)
             hint = f" Did you mean '{close[0]}'?" if close else ""
             found.append(f"unknown key '{key}'.{hint}")
     if bool(config.get("model")) != bool(config.get("data")):
@@ -164,8 +317,8 @@ def problems(config: Mapping[str, Any], registry: Registry, *, check_files: bool
             if data and not Path(data).is_file():
                 found.append(f"{key.replace('_', ' ')} file not found: {data}")
         model = config.get("model") if isinstance(config.get("model"), str) else None
-        if model and not str(model).startswith("builtin:") and not Path(model).is_dir():
-            found.append(f"model directory not found: {model}")
+        if model and not str(model).startswith("builtin:"):
+            found += model_problems(model, weights=weights)
         output = config.get("output") if isinstance(config.get("output"), str) else None
         if output and Path(output).exists() and not Path(output).is_dir():
             found.append(f"output must be a directory, but {output} is a file")
@@ -195,7 +348,6 @@ def problems(config: Mapping[str, Any], registry: Registry, *, check_files: bool
             continue
         component_ = registry.get(stage, value["name"])
         found += option_problems(component_, options, host_provided=HOST_OPTIONS.get(stage, set()))
-    training = config.get("training") or {}
     if isinstance(training, Mapping):
         found += training_problems(training)
     else:
@@ -219,36 +371,94 @@ def evaluates(config: Mapping[str, Any]) -> bool:
     return config.get("eval_data") is not None or config.get("eval_split") is not None
 
 
+# What `save_pretrained` writes (sharded or not); the loaders read nothing else.
+WEIGHT_FILES = ("pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def model_problems(model: str, *, weights: bool = True) -> list[str]:
+    """A model directory's problems, from its file names alone (nothing is loaded)."""
+    path = Path(model)
+    if not path.is_dir():
+        return [f"model directory not found: {model}"]
+    if not (path / "config.json").is_file():
+        return [f"model directory {model} has no config.json: give a checkpoint saved with save_pretrained"]
+    if weights and not (any(path.glob("*.safetensors")) or any((path / name).is_file() for name in WEIGHT_FILES)):
+        return [f"model directory {model} has no weights (*.safetensors or pytorch_model.bin): give a checkpoint saved with save_pretrained"]
+    return []
+
+
 def training_problems(training: Mapping[str, Any]) -> list[str]:
-    import dataclasses
-
-    from transformers import TrainingArguments
-
-    fields = {f.name: f for f in dataclasses.fields(TrainingArguments)}
-    found = []
+    fields = training_fields()
+    found, valid = [], {}
     for key, value in training.items():
         if key not in fields:
             close = difflib.get_close_matches(key, sorted(fields), n=1)
             hint = f" Did you mean '{close[0]}'?" if close else ""
             found.append(f"training: '{key}' is not a TrainingArguments field.{hint}")
-            continue
-        default, hint = fields[key].default, fields[key].type
-        choices = enum_values(hint)
-        if isinstance(default, bool) and not isinstance(value, bool):
-            found.append(f"training: '{key}' must be true or false, got {value!r}")
-        elif isinstance(default, (int, float)) and not isinstance(default, bool) and (
-            not isinstance(value, (int, float)) or isinstance(value, bool)
-        ):
-            found.append(f"training: '{key}' must be a number, got {value!r}")
-        elif not _accepts(value, hint):
-            found.append(f"training: '{key}' must be {_describe(hint)}, got {value!r}")
-        elif isinstance(value, float) and not math.isfinite(value):
-            found.append(f"training: '{key}' must be a finite number, got {value!r}")
-        elif choices and isinstance(value, str) and value not in choices:
-            close = difflib.get_close_matches(value, choices, n=1)
-            listed = f"Did you mean '{close[0]}'?" if close else f"One of: {', '.join(choices)}"
-            found.append(f"training: '{key}' does not accept {value!r}. {listed}")
+        elif key in HOST_TRAINING:
+            found.append(f"training: '{key}' is set by sftcore: {HOST_TRAINING[key]}")
+        elif problem := value_problem(key, value, fields[key]):
+            found.append(f"training: {problem}")
+        else:
+            valid[key] = value
+    return found + [f"training: {problem}" for problem in step_problems(valid, fields)]
+
+
+def value_problem(key: str, value: Any, field: Any) -> str | None:
+    """What is wrong with one value for its field, on its own: type, choices, range."""
+    default, hint = field.default, field.type
+    choices = enum_values(hint)
+    if isinstance(default, bool) and not isinstance(value, bool):
+        return f"'{key}' must be true or false, got {value!r}"
+    number = isinstance(default, (int, float)) and not isinstance(default, bool)
+    if number and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+        return f"'{key}' must be a number, got {value!r}"
+    if not _fits(value, hint):
+        return f"'{key}' must be {_describe(hint)}, got {value!r}"
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"'{key}' must be a finite number, got {value!r}"
+    if choices and value is not None and (not isinstance(value, str) or value not in choices):
+        close = difflib.get_close_matches(str(value), choices, n=1)
+        listed = f"Did you mean '{close[0]}'?" if close else f"One of: {', '.join(choices)}"
+        return f"'{key}' does not accept {value!r}. {listed}"
+    if key in NUMBER_RANGES and isinstance(value, (int, float)):
+        low, low_ok, high, high_ok = NUMBER_RANGES[key]
+        below = value < low or (value == low and not low_ok)
+        above = high is not None and (value > high or (value == high and not high_ok))
+        if below or above:
+            wanted = f"{'>=' if low_ok else '>'} {low}" + (f" and {'<=' if high_ok else '<'} {high}" if high is not None else "")
+            return f"'{key}' must be {wanted}, got {value!r}"
+    return None
+
+
+def step_problems(training: Mapping[str, Any], fields: Mapping[str, Any]) -> list[str]:
+    """How long the run is and how often it logs, saves, evaluates: checks across fields (each one's type is fine)."""
+    found = []
+    max_steps = training.get("max_steps", fields["max_steps"].default)
+    epochs = training.get("num_train_epochs", fields["num_train_epochs"].default)
+    if max_steps != -1 and max_steps <= 0:
+        found.append(f"'max_steps' must be > 0, or -1 to train for num_train_epochs; got {max_steps!r}")
+    elif max_steps == -1 and epochs <= 0:
+        found.append(f"'num_train_epochs' must be > 0 (or max_steps > 0), got {epochs!r}")
+    for strategy, steps_key in STEP_INTERVALS.items():
+        steps = training.get(steps_key, fields[steps_key].default)
+        if str(training.get(strategy, fields[strategy].default)) != "steps" or steps is None:
+            continue  # eval_steps None: the Trainer evaluates every logging_steps
+        if steps <= 0:
+            found.append(f"'{steps_key}' must be > 0 when {strategy} is 'steps', got {steps!r}")
+        elif steps > 1 and steps != int(steps):
+            found.append(f"'{steps_key}' must be a whole number of steps (or below 1, a fraction of all steps), got {steps!r}")
     return found
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """`_accepts`, with a list's items checked too: ``report_to: [[1]]`` is a list but no list[str]."""
+    if isinstance(value, list):
+        union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+        lists = [arg for arg in (typing.get_args(hint) if union else (hint,)) if typing.get_origin(arg) is list]
+        if lists:
+            return any(all(_fits(item, (typing.get_args(arg) or (Any,))[0]) for item in value) for arg in lists)
+    return _accepts(value, hint)
 
 
 def enum_values(hint: Any) -> list[str]:
@@ -266,4 +476,5 @@ def check(config: Mapping[str, Any], registry: Registry) -> None:
 
 
 def dump(config: Mapping[str, Any], path: Path) -> None:
-    path.write_text(yaml.safe_dump(dict(config), sort_keys=False), encoding="utf-8")
+    """Save a config with absolute paths: read back from its own directory (`read`), it names the same files."""
+    path.write_text(yaml.safe_dump(absolute_paths(config), sort_keys=False), encoding="utf-8")

@@ -25,7 +25,8 @@ def test_flags_override_the_yaml_file(tmp_path):
     values = {"data": "other.jsonl", "lr": 5e-4, "masker_name": "full", "template_opts": ("output_field=answer",)}
     config = cfg.effective(config_from_cli(str(config_file), values, ("weight_decay=0.1", "warmup_steps=0.05")))
 
-    assert (config["model"], config["data"], config["max_length"]) == ("m", "other.jsonl", 256)
+    # The file's paths are read from its directory, the flags' from the current one.
+    assert (config["model"], config["data"], config["max_length"]) == (str(tmp_path / "m"), "other.jsonl", 256)
     assert config["template"] == {"name": "alpaca", "options": {"instruction_field": "q", "output_field": "answer"}}
     assert config["masker"] == {"name": "full", "options": {}}
     assert config["collator"] == {"name": "pad", "options": {}}, "registry.yaml's default fills an unnamed stage"
@@ -151,7 +152,7 @@ def test_validate_reports_every_problem_at_once(monkeypatch, tmp_path):
     expected = [
         "unknown key 'max_lenght'. Did you mean 'max_length'?",
         "give both --model and --data (or neither, to train the bundled demo)",
-        "model directory not found: nowhere",
+        f"model directory not found: {tmp_path / 'nowhere'}",
         "template 'alpaca' has no option 'instruction_fild'",
         "Unknown collator 'padd'. Did you mean 'pad'?",
         "training: 'learning_rat' is not a TrainingArguments field. Did you mean 'learning_rate'?",

@@ -33,7 +33,7 @@ def test_every_kind_of_problem_in_one_report(monkeypatch, tmp_path):
     expected = [
         "model must be a path, got 5",
         "output must be a path, got ['a']",
-        "data file not found: missing.jsonl",
+        f"data file not found: {tmp_path / 'missing.jsonl'}",  # read from the config file's directory
         "max_length must be an integer >= 2, got 1",
         "on_bad_row must be 'error' or 'skip', got 'ignore'",
         "Unknown collator 'paad'. Did you mean 'pad'?",

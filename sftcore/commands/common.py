@@ -87,7 +87,7 @@ def data_config(ctx: click.Context, config_file: str | None, tokenizer_path: str
     config = cfg.effective(config_from_cli(config_file, values, ()))
     config.pop("training", None)
     host = host_from(ctx)
-    found = cfg.problems(config, host.registry)
+    found = cfg.problems(config, host.registry, weights=False)  # the model's tokenizer and config are all it reads
     if found:
         raise UsageError("; ".join(found))
     return host, config

@@ -13,7 +13,9 @@ from sftcore.commands.common import host_from
 @click.pass_context
 def command(ctx: click.Context, config_file: str) -> None:
     """Check a YAML run config: keys, component names and options, files, training fields."""
-    effective = cfg.effective(cfg.load_yaml(config_file))
+    from sftcore.commands.run import config_from_cli
+
+    effective = cfg.effective(config_from_cli(config_file, {}, ()))  # the file as `sft run --config` takes it
     found = cfg.problems(effective, host_from(ctx).registry)
     if not found:
         click.echo(f"{config_file}: OK")
