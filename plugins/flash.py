@@ -109,6 +109,8 @@ class FlashLoader:
             if dtype not in varlen.KERNEL_DTYPES:
                 log.warning("sft_varlen: its kernel takes fp16/bf16 only; in %s each example goes through sdpa alone (slow)", dtype)
         tokenizer = self.load_tokenizer(model_name_or_path, **options)
+        if rows := config_vocab_size(model_name_or_path, opts["trust_remote_code"]):
+            refuse_foreign_tokenizer(rows, tokenizer, model_name_or_path)  # before minutes of loading weights
         with loading_model(model_name_or_path):
             model = AutoModelForCausalLM.from_pretrained(
                 model_name_or_path,
@@ -117,7 +119,7 @@ class FlashLoader:
                 trust_remote_code=opts["trust_remote_code"],
                 use_safetensors=None if opts["allow_pickle"] else True,
             )
-        refuse_foreign_tokenizer(model, tokenizer, model_name_or_path)  # before a pad token is added to it
+        refuse_foreign_tokenizer(embedding_rows(model), tokenizer, model_name_or_path)  # before a pad is added to it
         if tokenizer.pad_token_id is None:
             add_pad_token(tokenizer)
         fit_embeddings(model, tokenizer, model_name_or_path)
@@ -160,6 +162,18 @@ class FlashLoader:
         if limit:
             tokenizer.model_max_length = int(limit)
         return tokenizer
+
+
+def config_vocab_size(model_name_or_path: str, trust_remote_code: bool) -> int | None:
+    """The embedding rows the model's config says it has, or None where it does not say."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):  # loading the model reports it
+        return None
+    size = getattr(config.get_text_config(), "vocab_size", None)
+    return size if isinstance(size, int) and size > 0 else None
 
 
 def drop_automatic_eos(tokenizer: Any) -> None:

@@ -35,8 +35,8 @@ def fit_embeddings(model: Any, tokenizer: Any, source: str) -> None:
 
     The new rows are initialised to the mean of the old ones (transformers' ``mean_resizing``).
     """
-    refuse_foreign_tokenizer(model, tokenizer, source)
     rows = embedding_rows(model)
+    refuse_foreign_tokenizer(rows, tokenizer, source)
     beyond = sorted((i, t) for t, i in tokenizer.get_vocab().items() if i >= rows)
     if not beyond:
         return
@@ -49,9 +49,11 @@ def fit_embeddings(model: Any, tokenizer: Any, source: str) -> None:
     )
 
 
-def refuse_foreign_tokenizer(model: Any, tokenizer: Any, source: str) -> None:
-    """Raise `SftError` when the tokenizer's own vocabulary (without added tokens) outgrows the embeddings."""
-    rows = embedding_rows(model)
+def refuse_foreign_tokenizer(rows: int, tokenizer: Any, source: str) -> None:
+    """Raise `SftError` when the tokenizer's own vocabulary (without added tokens) outgrows ``rows`` embeddings.
+
+    A loader may call it before loading weights too, with the config's ``vocab_size``.
+    """
     base = int(tokenizer.vocab_size)
     if base > rows:
         raise SftError(

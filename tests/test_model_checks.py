@@ -99,14 +99,25 @@ def test_an_out_of_range_eos_is_named_as_the_likely_cause(toks):
 # ---- another model's tokenizer; tokens added to the model's own -------------------------------
 
 
-def test_another_models_tokenizer_is_refused_not_resized(toks, tmp_path):
+def test_another_models_tokenizer_is_refused_not_resized(toks, tmp_path, monkeypatch):
+    import transformers
+
     path = small_model(tmp_path / "m", toks.gpt2(), vocab_size=256)
-    with pytest.raises(SftError) as caught:
-        FlashLoader().load(str(path))
-    assert str(caught.value) == (
+    expected = (
         f"the tokenizer in {path} has a vocabulary of 900 tokens but the model's embeddings have 256 rows: "
         "it is another model's tokenizer; use the tokenizer saved with this model"
     )
+    with pytest.raises(SftError) as caught:
+        FlashLoader().load(str(path))
+    assert str(caught.value) == expected
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the weights were loaded")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+    with pytest.raises(SftError) as caught:
+        FlashLoader().load(str(path))
+    assert str(caught.value) == expected, "refused from config.json, before the weights load"
 
 
 def test_added_tokens_get_embedding_rows_and_a_log_line(toks, tmp_path, caplog):
