@@ -61,7 +61,7 @@ FLAG_TO_TRAINING = {
     "max_steps": "max_steps",
 }
 PATH_KEYS = ("model", "data", "eval_data", "output", "cache_dir")
-# TrainingArguments fields sftcore sets itself: a value given in training would be overridden or ignored.
+# TrainingArguments fields sftcore sets itself: a value in training would override --output, or do nothing.
 HOST_TRAINING = {
     "output_dir": "give --output (or output: in the config file)",
     "resume_from_checkpoint": "pass --resume with --output (sftcore picks the checkpoint)",
@@ -156,7 +156,7 @@ def _bool_words(node: yaml.Node, key: str) -> dict[str, str]:
 
 def read(path: str) -> dict[str, Any]:
     """A YAML run config as a run takes it: the flags' names moved into ``training``, relative
-    paths made relative to the file's directory, training values typed by their fields."""
+    paths read from the file's directory (as cwd-relative paths), training values typed by their fields."""
     config, words = _load(path)
     training = config.get("training") or {}
     if isinstance(training, Mapping):  # anything else stays as written, for `problems` to report
@@ -299,8 +299,8 @@ def problems(config: Mapping[str, Any], registry: Registry, *, check_files: bool
     for key in config:
         if key in FLAG_TO_TRAINING:  # `read` moves a flag's name into training unless its field is there too
             field = FLAG_TO_TRAINING[key]
-            found.append(f"give {key} or training.{field}, not both" if isinstance(training, Mapping) and field in training
-                         else f"{key} belongs in training, as {field}")
+            both = isinstance(training, Mapping) and field in training
+            found.append(f"give {key} or training.{field}, not both" if both else f"{key} belongs in training, as {field}")
         elif key not in TOP_KEYS:
             close = difflib.get_close_matches(str(key), sorted(TOP_KEYS | FLAG_TO_TRAINING.keys()), n=1)
             hint = f" Did you mean '{close[0]}'?" if close else ""

@@ -85,7 +85,8 @@ def data_config(ctx: click.Context, config_file: str | None, tokenizer_path: str
     if tokenizer_path:
         values["model"] = tokenizer_path
     config = cfg.effective(config_from_cli(config_file, values, ()))
-    config.pop("training", None)
+    for key in ("training", *cfg.FLAG_TO_TRAINING):  # a flag's name beside its field is the run's to report
+        config.pop(key, None)
     host = host_from(ctx)
     found = cfg.problems(config, host.registry, weights=False)  # the model's tokenizer and config are all it reads
     if found:
