@@ -21,6 +21,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+from sftcore import IGNORE_INDEX
 from sftcore.errors import DataError, PluginError, SftError, UsageError
 
 TIMEOUT_VARIABLE = "SFT_PLUGIN_TIMEOUT"
@@ -208,7 +209,8 @@ class CheckedCollator(Checked):
 
 def check_batch(collator: Checked, batch: Any) -> Any:
     """A collator's batch: a mapping whose ``input_ids`` and ``labels`` are 2-D integer tensors
-    of one shape. Checked on every batch: a few attribute reads, nothing per token."""
+    of one shape, ids non-negative, labels a token id or -100. Checked on every batch: a few
+    attribute reads and two vectorised comparisons, microseconds against a training step."""
     import torch
 
     if not isinstance(batch, Mapping):
@@ -227,6 +229,13 @@ def check_batch(collator: Checked, batch: Any) -> Any:
         shapes.append(tuple(value.shape))
     if shapes[0] != shapes[1]:
         raise collator.wrong(f"returned input_ids of shape {shapes[0]} but labels of shape {shapes[1]}")
+    ids, labels = batch["input_ids"], batch["labels"]
+    if bool((ids < 0).any()):
+        raise collator.wrong(f"returned input_ids holding {int(ids.min())}; ids are >= 0")
+    # The loss ignores -100 only; any other negative label fails deep in cross_entropy (on CUDA, an assert).
+    wrong = (labels < 0) & (labels != IGNORE_INDEX)
+    if bool(wrong.any()):
+        raise collator.wrong(f"returned labels holding {int(labels[wrong][0])}; labels are >= 0 or {IGNORE_INDEX}")
     return batch
 
 
@@ -253,9 +262,14 @@ class CheckedLoader(Checked):
 
 
 def check_tokenizer(loader: Checked, tokenizer: Any, call: str) -> Any:
+    """A tokenizer as the host uses it; ``load()``'s also has a pad id (``load_tokenizer()``'s may
+    not: adding a pad token grows the vocabulary, which only ``load()`` can match in the model)."""
+    length = getattr(tokenizer, "model_max_length", None)
+    if not callable(getattr(tokenizer, "decode", None)) or isinstance(length, bool) or not isinstance(length, (int, float)):
+        raise loader.wrong(f"{call} returned {kind(tokenizer)}, not a tokenizer with decode() and model_max_length")
     pad = getattr(tokenizer, "pad_token_id", None)
-    if not callable(getattr(tokenizer, "decode", None)) or isinstance(pad, bool) or not isinstance(pad, int):
-        raise loader.wrong(f"{call} returned a tokenizer of {kind(tokenizer)} without a pad token id")
+    if call == "load()" and (isinstance(pad, bool) or not isinstance(pad, int)):
+        raise loader.wrong(f"{call} returned a tokenizer whose pad_token_id is {kind(pad)}, not an int")
     return tokenizer
 
 

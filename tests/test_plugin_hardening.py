@@ -392,7 +392,7 @@ def model():
     return module
 
 
-TOKENIZER = types.SimpleNamespace(pad_token_id=0, decode=lambda ids, **kw: "")
+TOKENIZER = types.SimpleNamespace(pad_token_id=0, model_max_length=64, decode=lambda ids, **kw: "")
 
 
 def masked(**row):
@@ -455,7 +455,7 @@ WRONG = {
     "masker-numpy-floats": ("masker", answering("__call__", masked(input_ids=list(np.array([5.0, 6.0, 7.0])))), "",
                             "input_ids holds float64 "),
     "masker-negative-id": ("masker", answering("__call__", masked(input_ids=[-5, 6, 7])), "", "input_ids holds -5; ids are >= 0"),
-    "masker-label-minus-1": ("masker", answering("__call__", masked(labels=[-1, 6, 7])), "", "labels holds -1; labels are >= 0 or -100"),
+    "masker-label-minus-101": ("masker", answering("__call__", masked(labels=[-101, 6, 7])), "", "labels holds -101; labels are >= 0 or -100"),
     "masker-str-ids": ("masker", answering("__call__", masked(input_ids="567")), "", "input_ids is str '567', not a list of ints"),
     "masker-truncated": ("masker", answering("__call__", masked(truncated=5)), "", "truncated is int 5"),
     "masker-short-batch": ("masker", answering("batch", [], __call__=lambda *a: masked()), "", "batch() returned 0 results for 1 rows"),
@@ -470,13 +470,19 @@ WRONG = {
                     "returned input_ids of shape (3,); a batch is 2-D"),
     "collator-shapes": ("collator", answering("__call__", lambda: batch(labels=lambda: tensor([[6, 7]]))), "",
                         "returned input_ids of shape (1, 3) but labels of shape (1, 2)"),
+    "collator-negative-id": ("collator", answering("__call__", lambda: batch(input_ids=lambda: tensor([[5, -6, 7]]))), "",
+                             "returned input_ids holding -6; ids are >= 0"),
+    "collator-label-minus-1": ("collator", answering("__call__", lambda: batch(labels=lambda: tensor([[-100, -1, 7]]))), "",
+                               "returned labels holding -1; labels are >= 0 or -100"),
     # loaders: load() -> (torch.nn.Module with a config, tokenizer with a pad id)
     "loader-model-only": ("loader", answering("load", model), "", "load() returned Linear"),
     "loader-not-a-module": ("loader", answering("load", (object(), TOKENIZER)), "", "a model of object"),
-    "loader-no-pad": ("loader", answering("load", lambda: (model(), types.SimpleNamespace(pad_token_id=None, decode=len))), "",
-                      "load() returned a tokenizer of SimpleNamespace"),
+    "loader-no-pad": ("loader", answering("load", lambda: (model(), types.SimpleNamespace(**{**vars(TOKENIZER), "pad_token_id": None}))),
+                      "", "load() returned a tokenizer whose pad_token_id is NoneType None, not an int"),
+    "loader-not-a-tokenizer": ("loader", answering("load", lambda: (model(), "gpt2")), "",
+                               "load() returned str 'gpt2', not a tokenizer with decode() and model_max_length"),
     "loader-tokenizer-none": ("loader", answering("load", None, load_tokenizer=lambda self, path: None), "load_tokenizer",
-                              "load_tokenizer() returned a tokenizer of NoneType None without a pad token id"),
+                              "load_tokenizer() returned NoneType None, not a tokenizer"),
 }
 
 
