@@ -195,26 +195,12 @@ def write_distribution(root: Path, dist: str, version: str, module: str, entry: 
 
 
 @pytest.fixture
-def installed_plugins(tmp_path):
-    """Both throwaway distributions, pip-installed into a directory put on PYTHONPATH.
-
-    A target directory, not the shared environment: other test runs never see these plugins,
-    and removing the directory uninstalls them even if this process is killed.
-    """
+def installed_plugins(tmp_path, install_isolated):
+    """Both throwaway distributions, installed by ``install_isolated``: the environment for `sft`
+    subprocesses that find them, while this interpreter never does."""
     swapped = write_distribution(tmp_path / "swapped", "sft-swapped", "0.4.2", "sft_swapped", "swapped", SWAPPED)
     broken = write_distribution(tmp_path / "broken", "sft-broken", "0.0.7", "sft_broken", "broken", BROKEN)
-    site = tmp_path / "site"
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-         "--disable-pip-version-check", "--no-index", "--target", str(site), str(swapped), str(broken)],
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SFT_")}
-    env["PYTHONPATH"] = os.pathsep.join([str(site), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    yield env
-    # tmp_path (and with it the installation) is removed by pytest's tmp_path retention.
+    return install_isolated(swapped, broken)
 
 
 @pytest.mark.slow

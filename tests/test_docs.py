@@ -1,10 +1,9 @@
-"""docs/plugins.md is executed: the tutorial for real (files written, pip install, the shown
-commands run and their shown output matched), every reference example run, and the reference
-kept in step with sftcore/hookspecs.py and sftcore/protocols.py."""
+"""docs/plugins.md is executed: the tutorial for real (files written, the project pip-installed,
+the shown commands run and their shown output matched), every reference example run, and the
+reference kept in step with sftcore/hookspecs.py and sftcore/protocols.py."""
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import json
 import os
@@ -250,13 +249,6 @@ def console_steps() -> list[tuple[str, list[str]]]:
     return steps
 
 
-def offline(command: str) -> str:
-    # sftcore is installed already, so pip fetches no dependencies; it builds with this
-    # interpreter's setuptools when there is one, so the tutorial needs no network.
-    isolation = " --no-build-isolation" if importlib.util.find_spec("setuptools") else ""
-    return command.replace("pip install", f"pip install --no-deps{isolation}")
-
-
 def unmatched(expected: list[str], output: str) -> list[str]:
     """Expected lines not found in order in the output; spaces are collapsed, `*` matches anything
     and a line `...` stands for lines left out."""
@@ -294,18 +286,19 @@ def tutorial_dir(tmp_path):
             path = project / block.attrs["file"]
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(block.code, encoding="utf-8")
-    try:
-        yield project
-    finally:
-        subprocess.run([sys.executable, "-m", "pip", "uninstall", "-y", "sft-plugin-qa"], capture_output=True)
+    return project
 
 
 @pytest.mark.slow
-def test_the_tutorial_runs_as_written(tutorial_dir, tmp_path):
-    steps = console_steps()
-    assert [c.split()[:2] for c, _ in steps[:2]] == [["python", "-m"], ["sft", "plugins"]]
-    script = "set -eo pipefail\n" + "".join(f"echo '{STEP.format(i)}'\n{offline(c)}\n" for i, (c, _) in enumerate(steps))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SFT_") and k != "PYTHONPATH"}
+def test_the_tutorial_runs_as_written(tutorial_dir, tmp_path, install_isolated):
+    install, *steps = console_steps()
+    assert install == ("python -m pip install -e .", []) and steps[0][0] == "sft plugins"
+    # The reader's `pip install -e .` goes into their environment; here the project goes into a
+    # directory that only these subprocesses have on PYTHONPATH (not editable: a .pth file works
+    # only in a site directory), and every later step runs as written.
+    installed = install_isolated(tutorial_dir)
+    script = "set -eo pipefail\n" + "".join(f"echo '{STEP.format(i)}'\n{c}\n" for i, (c, _) in enumerate(steps))
+    env = {k: v for k, v in installed.items() if not k.startswith("SFT_")}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     env["SFT_CACHE_DIR"] = str(tmp_path / "cache")
     done = subprocess.run(["bash", "-c", script], cwd=tutorial_dir, env=env, capture_output=True, text=True)
