@@ -10,6 +10,18 @@ registration hook once per plugin with a ``register`` callable::
 (``--template-opt key=value``) or the YAML config and are checked against the factory's
 signature before anything heavy runs. The component protocols are in ``sftcore.protocols``.
 
+``register`` refuses a call that breaks this signature (a name that is not a non-empty
+string, a factory that is not callable, a description that is not a string, an override that
+is not a bool): the plugin is reported in one line and left out whole, as is one whose hook
+raises, calls ``sys.exit``, or runs past ``SFT_PLUGIN_TIMEOUT`` seconds (default 30; 0: no
+limit). Anything a plugin prints while it loads and registers goes to stderr.
+
+The host checks every component's answers against its protocol (`sftcore.boundary`): a
+template's ``(prompt, response)`` strings, a reader's ``(row_number, row)`` pairs, a masker's
+int ids and labels, a collator's 2-D integer tensors, a loader's ``(model, tokenizer)``. A wrong
+answer stops the command with a one-line `sftcore.errors.PluginError` naming the component, its
+plugin and distribution.
+
 All hooks here are *collecting* hooks (every plugin is called; none is first-result-wins),
 so the order in which plugins load never decides which component is used: the user picks
 by name, and two plugins registering the same (stage, name) is an error unless one of
@@ -102,6 +114,8 @@ def trainer_callbacks(config: Mapping[str, Any]) -> list[Any] | None:
 
     :param config: the effective run configuration (read-only), as saved next to the model
         in ``sft_config.yaml``.
-    :return: a list of callbacks (possibly empty) or ``None``. Called on every plugin; the
-        lists are concatenated in plugin load order. Since 0.1.
+    :return: a list of callbacks (possibly empty) or ``None``; each item a ``TrainerCallback``
+        instance or subclass (the Trainer instantiates a class). Anything else (a string, a
+        number, a list holding one) is a `sftcore.errors.PluginError` naming the plugin. Called
+        on every plugin; the lists are concatenated in plugin load order. Since 0.1.
     """

@@ -1,6 +1,9 @@
 """Component protocols: what a factory registered through a hook must return.
 
 These are structural (``typing.Protocol``): a plugin needs no base class, only the methods.
+The host checks what each method returns where it calls it (`sftcore.boundary`, and
+`sftcore.pipeline.check_masked` for maskers); each "Checked:" paragraph below says what is
+refused, in one line naming the component and its plugin.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ class Template(Protocol):
         with the same template). ``response`` is the text to learn, without an EOS marker:
         the masker appends EOS as a token id. Raise ``sftcore.errors.FieldError`` for a row
         that cannot be formatted (missing, mistyped or empty field); the host adds file and row.
+
+        Checked: a tuple or list of exactly two ``str`` (``sftcore.tokens.Marked`` is one).
         """
         ...
 
@@ -37,6 +42,8 @@ class Template(Protocol):
 
         Contract: ``format(example)[0] == format_prompt(example)`` for every row ``format``
         accepts, so training and inference prompts cannot drift apart.
+
+        Checked: a ``str``.
         """
         ...
 
@@ -50,6 +57,10 @@ class Masker(Protocol):
         -100, otherwise raise ``sftcore.RowDropped(reason)``. A masker may also define
         ``batch(prompts, responses, tokenizer, max_length) -> list[Masked | RowDropped]``,
         which must return exactly what calling it row by row would; the host uses it for speed.
+
+        Checked, per row: a mapping; ``input_ids`` and ``labels`` lists (or arrays) of ints, not
+        floats, bools or numpy floats; ids ``>= 0``, labels ``>= -100``; ``truncated``, if set,
+        ``"prompt"`` or ``"response"``; and ``batch`` returns one result per pair.
         """
         ...
 
@@ -67,6 +78,9 @@ class Collator(Protocol):
         A collator class whose batches hold no padding (examples told apart by ``position_ids``
         restarting at 0) sets ``padding_free = True``; the host then passes ``packing=True`` to
         a loader that accepts it, so it can pick a varlen attention kernel.
+
+        Checked, every batch: a mapping whose ``input_ids`` and ``labels`` are 2-D integer
+        ``torch.Tensor`` of one shape, ids ``>= 0``, labels a token id or -100.
         """
         ...
 
@@ -81,6 +95,10 @@ class ModelLoader(Protocol):
         user passed ``trust_remote_code=True``. A loader may also define
         ``load_tokenizer(model_name_or_path, **options)``, returning the tokenizer prepared as
         ``load`` would, without weights; ``sft preview`` uses it.
+
+        Checked: a pair whose model is a ``torch.nn.Module`` with a ``config`` and whose tokenizer
+        has ``decode``, a numeric ``model_max_length`` and an int ``pad_token_id``
+        (``load_tokenizer``'s may lack the pad id: adding one grows the vocabulary).
         """
         ...
 
@@ -96,5 +114,8 @@ class DataReader(Protocol):
         A malformed row is yielded as a ``sftcore.errors.DataError`` in place of the row (the
         host stops or skips it, per ``--on-bad-row``); a malformed or unreadable file raises
         ``DataError``. Nothing else may escape.
+
+        Checked: each item a ``(int, Mapping | DataError)`` tuple; another exception escaping
+        is reported as the reader's failure. ``suffixes`` is a tuple or list of strings.
         """
         ...
