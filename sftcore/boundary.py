@@ -29,6 +29,7 @@ DEFAULT_TIMEOUT = 30.0  # importing torch and transformers cold takes ~10 s on a
 
 _short = reprlib.Repr()
 _short.maxstring = _short.maxother = 40
+_short.maxlevel = 1  # a batch returned in a list reads [{...}], not a page of tensors
 
 
 class PluginTimeout(BaseException):

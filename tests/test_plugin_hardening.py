@@ -460,10 +460,10 @@ WRONG = {
     "masker-truncated": ("masker", answering("__call__", masked(truncated=5)), "", "truncated is int 5"),
     "masker-short-batch": ("masker", answering("batch", [], __call__=lambda *a: masked()), "", "batch() returned 0 results for 1 rows"),
     # collators: a mapping of 2-D integer tensors of one shape
-    "collator-list": ("collator", answering("__call__", lambda: [batch()]), "", "returned list"),
+    "collator-list": ("collator", answering("__call__", lambda: [batch()]), "", "returned list [{...}], not a mapping of tensors"),
     "collator-no-labels": ("collator", answering("__call__", lambda: batch(labels=lambda: None)), "", "a batch without labels"),
     "collator-lists": ("collator", answering("__call__", {"input_ids": [[5, 6]], "labels": [[5, 6]]}), "",
-                       "returned input_ids as list [[5, 6]], not a torch tensor"),
+                       "returned input_ids as list [[...]], not a torch tensor"),
     "collator-float-labels": ("collator", answering("__call__", lambda: batch(labels=lambda: tensor([[0.5, 6.0, 7.0]]))), "",
                               "returned labels of dtype torch.float32"),
     "collator-1d": ("collator", answering("__call__", lambda: batch(input_ids=lambda: tensor([5, 6, 7]))), "",
