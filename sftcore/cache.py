@@ -147,8 +147,13 @@ def flatten(prepared: Prepared) -> Prepared:
 # ---- keys ----------------------------------------------------------------------------------
 
 
-def file_digest(path: str | os.PathLike) -> str:
-    """The sha256 of a file's content, hashed once per process while its size and mtime stay."""
+def file_digest(path: str | os.PathLike, *, remember: bool = True) -> str:
+    """The sha256 of a file's content, hashed once per process while its size and mtime stay.
+
+    ``remember=False`` reads it again whatever: a check for damage must not trust a stat.
+    """
+    if not remember:
+        return _sha256(path)
     stat = os.stat(path)
     stamp = (os.path.realpath(path), stat.st_ino, stat.st_size, stat.st_mtime_ns)
     if stamp not in _digests:  # a run hashes its data file for the cache key and for the run's record

@@ -95,17 +95,20 @@ def damage(checkpoint: Path, *, verify: bool = True) -> str | None:
 
     if not (checkpoint / MARKER).is_file() or not (checkpoint / "trainer_state.json").is_file():
         return "it was not completely written (the run stopped while saving it)"
-    try:
-        listed = json.loads((checkpoint / MARKER).read_text(encoding="utf-8"))["files"]
-    except (ValueError, TypeError, KeyError):  # an earlier sftcore wrote the bare step: nothing to verify
+    text = (checkpoint / MARKER).read_text(encoding="utf-8", errors="replace")
+    if text.strip().isdigit():  # an earlier sftcore wrote the bare step: nothing to verify
         return None
+    try:
+        listed = json.loads(text)["files"]
+    except (ValueError, TypeError, KeyError):
+        return f"its {MARKER} file is damaged"
     for name, expected in listed.items():
         path = checkpoint / name
         if not path.is_file():
             return f"{name} is missing"
         if path.stat().st_size != expected["size"]:
             return f"{name} has {path.stat().st_size} bytes, {expected['size']} when saved"
-        if verify and file_digest(path) != expected["sha256"]:
+        if verify and file_digest(path, remember=False) != expected["sha256"]:
             return f"{name} differs from the file saved (sha256)"
     return None
 
@@ -147,12 +150,12 @@ def changed_data(output: Path, config: Mapping[str, Any]) -> str | None:
     record = output / DATA_FILE
     if not record.is_file():  # a run from before data files were recorded
         return None
+    from sftcore.cache import file_digest
+
     saved = json.loads(record.read_text(encoding="utf-8"))
     for key, then in saved.items():
         path = config.get(key) or then["path"]
         try:
-            from sftcore.cache import file_digest
-
             now = file_digest(path)
         except OSError as exc:
             return f"{path} ({key}) cannot be read now ({exc.strerror})"
@@ -327,14 +330,16 @@ def clear(output: Path) -> None:
 
 def model_files(output: Path) -> list[str]:
     """The final model's files: those the run's summary lists, and any weights by their names."""
-    listed: list[str] = []
-    try:
-        listed = list(json.loads((output / SUMMARY_FILE).read_text(encoding="utf-8")).get("model_files", []))
-    except (OSError, ValueError, AttributeError):
-        pass  # no summary (a run stopped before its end) or a damaged one: the weights still go
     weights = [p.name for p in output.iterdir() if p.is_file() and any(fnmatch.fnmatch(p.name, w) for w in WEIGHT_FILES)]
     # Names only, inside output: a summary cannot point the removal elsewhere.
-    return sorted({Path(name).name for name in listed} | set(weights))
+    return sorted({Path(name).name for name in _listed_model_files(output)} | set(weights))
+
+
+def _listed_model_files(output: Path) -> list[str]:
+    try:
+        return [str(name) for name in json.loads((output / SUMMARY_FILE).read_text(encoding="utf-8")).get("model_files", [])]
+    except (OSError, ValueError, AttributeError):  # no summary (a run stopped before its end), or a damaged one
+        return []
 
 
 def _written_by_trainer(checkpoint: Path) -> bool:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import itertools
 import json
 import logging
 import os
@@ -303,17 +302,18 @@ def default_output(config: Mapping[str, Any], *, create: bool = False) -> str:
     base = f"sft-runs/{'demo' if config['model'] == BUILTIN_MODEL else 'run'}-{stamp}"
     if not create:
         return base
+    name, taken = base, 1
     try:
         os.makedirs(os.path.dirname(base), exist_ok=True)
-        for name in itertools.chain([base], (f"{base}-{n}" for n in itertools.count(2))):
+        while True:
             try:
                 os.mkdir(name)  # atomic: exactly one run gets each name
                 return name
             except FileExistsError:
-                continue
+                taken += 1
+                name = f"{base}-{taken}"
     except OSError as exc:
-        raise SftError(f"{exc.filename or base}: cannot create the output directory ({exc.strerror}); pass --output DIR") from None
-    raise AssertionError("itertools.count never ends")
+        raise SftError(f"{exc.filename or name}: cannot create the output directory ({exc.strerror}); pass --output DIR") from None
 
 
 def training_arguments(config: Mapping[str, Any], output: str) -> Any:

@@ -286,6 +286,9 @@ def test_a_checkpoint_whose_files_changed_is_not_complete(monkeypatch, tmp_path,
     assert damage(stopped / "checkpoint-1") == "model.safetensors differs from the file saved (sha256)"
     (stopped / "checkpoint-2" / "scheduler.pt").unlink()
     assert damage(stopped / "checkpoint-2") == "scheduler.pt is missing"
+    marker = stopped / "checkpoint-2" / MARKER
+    marker.write_text(marker.read_text()[:-20])
+    assert damage(stopped / "checkpoint-2") == f"its {MARKER} file is damaged"
     result = run(monkeypatch, tiny_model_dir, data, stopped, "--resume")
     assert result.exit_code == 2
     assert result.stderr == f"Error: --resume: {stopped} has no complete checkpoint to resume from; pass --overwrite to start again\n"
