@@ -148,9 +148,7 @@ class Checked:
         return (_rebuild, (type(self), self.inner, self.origin, self.plugin))
 
     def wrong(self, problem: str) -> PluginError:
-        return PluginError(
-            f"{self.origin}: {problem}; fix the plugin or disable it with SFT_DISABLE_PLUGINS={self.plugin}"
-        )
+        return PluginError(f"{self.origin}: {problem}; {advice(self)}")
 
     def call(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """``function(*args)`` with stdout sent to stderr: machine-readable output stays clean."""
