@@ -312,6 +312,20 @@ WRAPPERS: dict[str, type[Checked]] = {
 }
 
 
+@contextlib.contextmanager
+def building(component: Any) -> Iterator[None]:
+    """Around a component's factory call: plugin code too, so stdout goes to stderr and an exit
+    is the plugin's error."""
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    except SystemExit as exc:
+        raise PluginError(
+            f"{component_origin(component)}: its factory called sys.exit({exc.code!r}); "
+            f"fix the plugin or disable it with SFT_DISABLE_PLUGINS={component.plugin}"
+        ) from None
+
+
 def checked(component: Any, built: Any) -> Any:
     """``built`` (what ``component.factory`` returned) behind the boundary of its stage."""
     return WRAPPERS[component.stage](built, component_origin(component), component.plugin)

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from sftcore.boundary import checked
+from sftcore.boundary import building, checked
 from sftcore.errors import SftError
 from sftcore.manager import Host
 from sftcore.pipeline import Formatted, Prepared, format_rows, mask_rows, pick_reader, read_rows
@@ -37,7 +37,8 @@ def build_stage(host: Host, config: Mapping[str, Any], stage: str, **host_option
         if key not in options and (key in params or takes_any):
             options[key] = value
     try:
-        built = host.registry.build(stage, name, options)
+        with building(host.registry.get(stage, name)):
+            built = host.registry.build(stage, name, options)
     except SftError:
         raise
     except (TypeError, ValueError) as exc:

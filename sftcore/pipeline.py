@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from sftcore import IGNORE_INDEX
-from sftcore.boundary import advice, checked, component_origin, kind, origin_of
+from sftcore.boundary import advice, building, checked, component_origin, kind, origin_of
 from sftcore.errors import DataError, FieldError, PluginError, RowDropped, UsageError
 from sftcore.registry import Registry
 
@@ -60,7 +60,9 @@ class Prepared:
 def pick_reader(registry: Registry, path: str, name: str | None = None) -> Any:
     """The reader named, or the one whose suffixes match the file, behind the host's boundary."""
     component = registry.get("reader", name) if name else reader_component(registry, path)
-    return checked(component, registry.build("reader", name) if name else component.factory())
+    with building(component):
+        built = registry.build("reader", name) if name else component.factory()
+    return checked(component, built)
 
 
 def reader_component(registry: Registry, path: str) -> Any:
@@ -76,7 +78,8 @@ def reader_component(registry: Registry, path: str) -> Any:
 
 def suffixes_of(component: Any) -> tuple[str, ...]:
     """A reader's ``suffixes``, which the host reads from a reader built with no options."""
-    suffixes = getattr(component.factory(), "suffixes", ())
+    with building(component):
+        suffixes = getattr(component.factory(), "suffixes", ())
     if isinstance(suffixes, str) or not isinstance(suffixes, (list, tuple, set, frozenset)) or not all(
         isinstance(s, str) for s in suffixes
     ):

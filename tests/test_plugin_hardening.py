@@ -184,11 +184,15 @@ def test_printing_while_loading_keeps_plugins_json_clean(plugin_module, monkeypa
 
 
 class NoisyComponents:
-    """A template and a masker that print on every call."""
+    """A template and a masker that print when built and on every call."""
 
     @hookimpl
     def register_templates(self, register):
         class Noisy(AlpacaTemplate):
+            def __init__(self):
+                print("building")
+                super().__init__()
+
             def format(self, example):
                 print("formatting")
                 return super().format(example)
@@ -216,6 +220,7 @@ def test_components_printing_keep_preview_json_clean(monkeypatch, tmp_path, tiny
     assert result.exit_code == 0, result.output
     assert [row["row"] for row in json_lines(result.stdout)] == [1, 2]
     assert result.stderr.count("formatting") == 2 and result.stderr.count("masking") == 1  # one batch
+    assert result.stderr.count("building") == 1
 
 
 # --- malformed register() calls ------------------------------------------------------------------
@@ -439,6 +444,7 @@ WRONG = {
     "template-prompt-int": ("template", answering("format", ("p", "r"), format_prompt=lambda self, ex: 5), "format_prompt",
                             "format_prompt() returned int 5, not a string"),
     "template-factory-none": ("template", lambda: None, "", "its factory returned NoneType None, which has no format() method"),
+    "template-factory-exits": ("template", lambda: sys.exit(2), "", "its factory called sys.exit(2)"),
     "template-exits": ("template", answering("format", lambda: sys.exit(3)), "", "it called sys.exit(3)"),
     # readers: read() -> iterator of (int, mapping | DataError)
     "reader-none": ("reader", answering("read", None, suffixes=(".jsonl",)), "", "read() returned NoneType None, not an iterator"),
