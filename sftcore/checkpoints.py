@@ -200,6 +200,19 @@ def claim(output: Path) -> None:
 
 
 @contextmanager
+def removed_if_unused(output: Path, new: bool) -> Iterator[None]:
+    """Remove ``output`` again, when this run made it, if the run stops before writing into it:
+    a run refused for its data leaves nothing behind. Inside `locked`, so no other run has it meanwhile."""
+    try:
+        yield
+    except BaseException:
+        if new and output.is_dir() and not _entries(output):
+            (output / LOCK_FILE).unlink(missing_ok=True)
+            output.rmdir()
+        raise
+
+
+@contextmanager
 def locked(output: Path) -> Iterator[None]:
     """Hold `LOCK_FILE` in ``output`` while inside: a second run writing there fails at once.
 

@@ -17,7 +17,7 @@ from sftcore import config as cfg
 from sftcore import distributed
 from sftcore.errors import SftError, UsageError
 from sftcore.manager import Host
-from sftcore.dataprep import BUILTIN_MODEL, build_stage, eval_rows, model_path, prepare_data
+from sftcore.dataprep import BUILTIN_MODEL, build_stage, cap_max_length, eval_rows, model_path, prepare_data
 from sftcore.pipeline import Prepared
 from sftcore.stats import BatchCounter, LossCurve
 from sftcore.vocab import check_token_ids
@@ -130,25 +130,28 @@ def run(
     ``resume`` continues the run in the output directory from its newest complete checkpoint;
     ``overwrite`` replaces the run there (see `sftcore.checkpoints`).
     """
-    from sftcore.checkpoints import check_output, claim, locked, refuse_early
+    from sftcore.checkpoints import check_output, claim, locked, refuse_early, removed_if_unused
 
     config = cfg.effective(user_config)
     cfg.check(config, host.registry)
+    cap_max_length(config)  # before the output check: a resumed run's saved config holds the capped length
     if resume and not config.get("output"):
         raise UsageError("--resume needs --output: the directory of the run to continue")
     started = time.perf_counter()
     progress = progress and distributed.is_main_process()  # one set of bars, not one per process
     # TrainingArguments first: under a launcher it sets up the processes, with the user's ddp_* settings.
     main = distributed.is_main_process()
-    args = training_arguments(config, config.get("output") or default_output(config, create=main))
+    named = config.get("output")
+    args = training_arguments(config, named or default_output(config, create=main))
     output = Path(distributed.agreed(args.output_dir))  # each process stamps its own default name
     args.output_dir = config["output"] = str(output)
     log.info("output: %s", output)
+    new = not named or not (output.exists() or output.is_symlink())  # a default name was made, empty, for this run
     if main:
         refuse_early(output, config, resume=resume, overwrite=overwrite)
         claim(output)
     # The main process holds the directory for the whole run: a second run there fails at once.
-    with locked(output) if main else nullcontext():
+    with locked(output) if main else nullcontext(), removed_if_unused(output, new and main):
         checkpoint = check_output(output, config, resume=resume, overwrite=overwrite, remove=main, verify=main)
         checkpoint = distributed.agreed(checkpoint)  # the one the main process verified, file by file
         # The main process prepares and caches; the others wait for it, then read its cache.

@@ -168,6 +168,18 @@ def test_a_max_length_beyond_the_positions_is_capped_alike_in_preview_and_prepar
     assert len(entries) == 2 and entries[0] == entries[1], "one cache entry for the capped and the exact length"
 
 
+@pytest.mark.slow
+def test_a_capped_max_length_is_the_same_run_when_asked_again(monkeypatch, tmp_path):
+    """The saved config holds the capped length: the same command must find its own run again,
+    not "a run with another config" (the output check runs before the data is prepared)."""
+    command = ("run", "--max-length", 100_000, "--max-steps", 2, "--output", tmp_path / "out", "--no-progress")
+    first = sft(monkeypatch, *command)
+    assert first.exit_code == 0, first.output
+    again = sft(monkeypatch, *command)
+    assert again.exit_code == 2
+    assert "holds this run, finished" in again.stderr, again.stderr
+
+
 @pytest.mark.parametrize(
     ("config", "expected"),
     [
