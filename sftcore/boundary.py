@@ -12,6 +12,7 @@ surfaced as a traceback deep inside transformers, and float ids were silently tr
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import reprlib
@@ -22,7 +23,9 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from sftcore import IGNORE_INDEX
-from sftcore.errors import DataError, PluginError, SftError, UsageError
+from sftcore.errors import DataError, FieldError, PluginError, RowDropped, SftError, UsageError
+
+log = logging.getLogger("sftcore.plugins")
 
 TIMEOUT_VARIABLE = "SFT_PLUGIN_TIMEOUT"
 DEFAULT_TIMEOUT = 30.0  # importing torch and transformers cold takes ~10 s on a slow disk
@@ -128,6 +131,8 @@ class Checked:
     """
 
     entry = ""  # the method the protocol requires
+    # What a component may raise, by its contract; anything else is its failure, named in one line.
+    contract_errors: tuple[type[BaseException], ...] = (SftError, RowDropped, FieldError)
 
     def __init__(self, inner: Any, origin: str, plugin: str) -> None:
         vars(self).update(inner=inner, origin=origin, plugin=plugin)
@@ -158,6 +163,11 @@ class Checked:
             return function(*args, **kwargs)
         except SystemExit as exc:
             raise self.wrong(exception_text(exc)) from None
+        except self.contract_errors:
+            raise
+        except Exception as exc:
+            log.debug("%s raised", self.origin, exc_info=True)  # `sft -v` shows where
+            raise self.wrong(f"raised {exception_text(exc)} (sft -v shows where)") from exc
         finally:
             sys.stdout = saved
 
@@ -168,6 +178,8 @@ def _rebuild(cls: type, inner: Any, origin: str, plugin: str) -> Checked:
 
 class CheckedTemplate(Checked):
     entry = "format"
+    # A template's KeyError, TypeError or ValueError is a row it cannot format: a bad row (pipeline.format_rows).
+    contract_errors = (*Checked.contract_errors, KeyError, TypeError, ValueError)
 
     def format(self, example: Mapping[str, Any]) -> tuple[str, str]:
         result = self.call(self.inner.format, example)
@@ -274,6 +286,7 @@ def check_tokenizer(loader: Checked, tokenizer: Any, call: str) -> Any:
 
 class CheckedReader(Checked):
     entry = "read"
+    contract_errors = (Exception,)  # read() itself names a reader's failure, with the file (and ends on StopIteration)
 
     def read(self, path: str) -> Iterator[tuple[int, Any]]:
         rows = self.call(self.inner.read, path)

@@ -489,6 +489,11 @@ WRONG = {
                                "load() returned str 'gpt2', not a tokenizer with decode() and model_max_length"),
     "loader-tokenizer-none": ("loader", answering("load", None, load_tokenizer=lambda self, path: None), "load_tokenizer",
                               "load_tokenizer() returned NoneType None, not a tokenizer"),
+    # raising what no contract allows: the component's failure, named, not a traceback
+    "template-raises": ("template", answering("format", lambda: 1 / 0), "", "raised ZeroDivisionError: division by zero"),
+    "masker-raises": ("masker", answering("__call__", lambda: {}["input_ids"]), "", "raised KeyError: 'input_ids'"),
+    "collator-raises": ("collator", answering("__call__", lambda: [][0]), "", "raised IndexError: list index out of range"),
+    "loader-raises": ("loader", answering("load", lambda: open("/nonexistent/model")), "", "raised FileNotFoundError"),
 }
 
 
@@ -506,6 +511,17 @@ def test_a_wrong_answer_is_one_line_naming_the_plugin(clean_plugin_env, tmp_path
     assert problem in message
     assert message.endswith("; fix the plugin or disable it with SFT_DISABLE_PLUGINS=bad")
     assert "\n" not in message
+
+
+def test_a_template_failing_on_a_row_is_still_a_bad_row(clean_plugin_env, tmp_path):
+    """A template's KeyError/TypeError/ValueError means "this row cannot be formatted": the host
+    counts or reports that row (format_rows), so the boundary lets those through."""
+    host = load_host(entry_points=False, extra={"bad": Registering("template", answering("format", lambda: {}["question"]))})
+    prepared = Prepared()
+    assert use("template", host, write_jsonl(tmp_path / "d.jsonl", [ROW])) == []  # use() formats under "skip"
+    formatted = format_rows(build_stage(host, {"template": {"name": "bad", "options": {}}}, "template"),
+                            [(1, ROW)], "d.jsonl", "skip", prepared)
+    assert formatted == [] and prepared.skipped == {"bad-row": 1}
 
 
 def test_right_answers_pass_the_boundary(builtin_host, tmp_path):
