@@ -3,6 +3,7 @@ max_length beyond the model's positions, broken checkpoint files, the chunked-lo
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import shutil
@@ -78,7 +79,7 @@ def test_an_id_beyond_the_embeddings_stops_the_run_before_training(monkeypatch, 
 def test_an_out_of_range_eos_is_named_as_the_likely_cause(toks):
     import torch
 
-    tokenizer = toks.gpt2()
+    tokenizer = copy.deepcopy(toks.gpt2())  # the builders' tokenizers are shared: never change them
     tokenizer.add_special_tokens({"eos_token": "<|im_end|>"})  # as a tokenizer_config.json naming a new EOS does
     embeddings = torch.nn.Embedding(900, 4)
     model = type("Model", (), {"get_input_embeddings": lambda self: embeddings})()
@@ -121,7 +122,7 @@ def test_another_models_tokenizer_is_refused_not_resized(toks, tmp_path, monkeyp
 
 
 def test_added_tokens_get_embedding_rows_and_a_log_line(toks, tmp_path, caplog):
-    tokenizer = toks.sentencepiece()
+    tokenizer = copy.deepcopy(toks.sentencepiece())  # shared by other tests
     path = small_model(tmp_path / "m", tokenizer, vocab_size=len(tokenizer))
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     tokenizer.save_pretrained(path)
