@@ -28,7 +28,10 @@ from sftcore.errors import DataError, FieldError, PluginError, RowDropped, SftEr
 log = logging.getLogger("sftcore.plugins")
 
 TIMEOUT_VARIABLE = "SFT_PLUGIN_TIMEOUT"
-DEFAULT_TIMEOUT = 30.0  # importing torch and transformers cold takes ~10 s on a slow disk
+# The limit names a plugin that hangs; it must not cut a slow import short, since a library
+# interrupted mid-import cannot be imported again in the process (the run then stops). A cold
+# `import torch, transformers` takes ~10 s on a local disk and 30 s or more on NFS or Lustre.
+DEFAULT_TIMEOUT = 60.0
 
 _short = reprlib.Repr()
 _short.maxstring = _short.maxother = 40
@@ -39,7 +42,25 @@ class PluginTimeout(BaseException):
     """Raised into a plugin's code when its time is up.
 
     A `BaseException`, so that the plugin's own ``except Exception`` cannot swallow it.
+    ``importing``: the modules whose import was under way at that moment, outermost first.
     """
+
+    def __init__(self, seconds: float, importing: tuple[str, ...] = ()) -> None:
+        super().__init__(seconds)
+        self.importing = importing
+
+
+def importing_now() -> tuple[str, ...]:
+    """Modules being imported right now, outermost first.
+
+    Python marks a module's spec ``_initializing`` until its code has run, and keeps sys.modules
+    in insertion order; a finished import moves its module to the end, so those still under
+    way keep the order they started in.
+    """
+    return tuple(
+        name for name, module in list(sys.modules.items())
+        if getattr(getattr(module, "__spec__", None), "_initializing", False)
+    )
 
 
 def plugin_timeout() -> float:
@@ -75,7 +96,7 @@ def time_limit(seconds: float) -> Iterator[None]:
         return
 
     def expire(signum: int, frame: Any) -> None:
-        raise PluginTimeout(seconds)
+        raise PluginTimeout(seconds, importing_now())
 
     try:
         previous = signal.signal(signal.SIGALRM, expire)
@@ -116,10 +137,20 @@ def kind(value: Any) -> str:
 # ---- components -----------------------------------------------------------------------------
 
 
+def plugin_label(plugin: str, distribution: str | None = None, version: str | None = None) -> str:
+    """``'pad' (sftcore 0.1.0)``: how every message names a plugin."""
+    where = " ".join(part for part in (distribution, version) if part)
+    return f"'{plugin}' ({where})" if where else f"'{plugin}'"
+
+
+def fix_or_disable(plugin: str) -> str:
+    """What a message about a plugin's failure tells the user to do."""
+    return f"fix the plugin or disable it with SFT_DISABLE_PLUGINS={plugin}"
+
+
 def component_origin(component: Any) -> str:
     """``collator 'pad' of plugin 'pad' (sftcore 0.1.0)``: how messages name a registered component."""
-    where = " ".join(part for part in (component.distribution, component.version) if part)
-    return f"{component.stage} '{component.name}' of plugin '{component.plugin}'" + (f" ({where})" if where else "")
+    return f"{component.stage} '{component.name}' of plugin {plugin_label(component.plugin, component.distribution, component.version)}"
 
 
 class Checked:
@@ -273,14 +304,15 @@ class CheckedLoader(Checked):
 
 
 def check_tokenizer(loader: Checked, tokenizer: Any, call: str) -> Any:
-    """A tokenizer as the host uses it; ``load()``'s also has a pad id (``load_tokenizer()``'s may
-    not: adding a pad token grows the vocabulary, which only ``load()`` can match in the model)."""
+    """A tokenizer as the host uses it: ``decode()``, a numeric ``model_max_length`` and a pad id
+    that is an int or None. None is allowed: a padding-free collator (packed) needs no pad token,
+    and a collator that does says so when it is built (`sftcore.registry.option_problems`)."""
     length = getattr(tokenizer, "model_max_length", None)
     if not callable(getattr(tokenizer, "decode", None)) or isinstance(length, bool) or not isinstance(length, (int, float)):
         raise loader.wrong(f"{call} returned {kind(tokenizer)}, not a tokenizer with decode() and model_max_length")
     pad = getattr(tokenizer, "pad_token_id", None)
-    if call == "load()" and (isinstance(pad, bool) or not isinstance(pad, int)):
-        raise loader.wrong(f"{call} returned a tokenizer whose pad_token_id is {kind(pad)}, not an int")
+    if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int)):
+        raise loader.wrong(f"{call} returned a tokenizer whose pad_token_id is {kind(pad)}, not an int or None")
     return tokenizer
 
 
@@ -334,8 +366,7 @@ def building(component: Any) -> Iterator[None]:
             yield
     except SystemExit as exc:
         raise PluginError(
-            f"{component_origin(component)}: its factory called sys.exit({exc.code!r}); "
-            f"fix the plugin or disable it with SFT_DISABLE_PLUGINS={component.plugin}"
+            f"{component_origin(component)}: its factory called sys.exit({exc.code!r}); {fix_or_disable(component.plugin)}"
         ) from None
 
 
@@ -354,7 +385,7 @@ def origin_of(component: Any, stage: str) -> str:
 def advice(component: Any) -> str:
     """What to do about a component's bad output."""
     if isinstance(component, Checked):
-        return f"fix the plugin or disable it with SFT_DISABLE_PLUGINS={vars(component)['plugin']}"
+        return fix_or_disable(vars(component)["plugin"])
     return "fix the component"
 
 
@@ -365,7 +396,7 @@ def plugin_callbacks(host: Any, config: Mapping[str, Any]) -> list[Any]:
 
     callbacks: list[Any] = []
     for plugin, contributed in host.call_each("trainer_callbacks", config=config):
-        fix = f"fix the plugin or disable it with SFT_DISABLE_PLUGINS={plugin}"
+        fix = fix_or_disable(plugin)
         label = f"plugin {host.label(plugin)} returned from trainer_callbacks"
         if isinstance(contributed, (str, bytes, Mapping)) or not hasattr(contributed, "__iter__"):
             raise PluginError(f"{label} {kind(contributed)}, not a list of TrainerCallback; {fix}")

@@ -2,8 +2,10 @@
 
 A plugin that fails to import, has a malformed hook, raises (``sys.exit`` included) or
 registers something malformed while registering, or takes longer than ``SFT_PLUGIN_TIMEOUT``
-seconds (default 30) to do either, is reported in one line and left out; everything else keeps
-working. Whatever it prints meanwhile goes to stderr. ``SFT_STRICT_PLUGINS=1`` turns those
+seconds (default 60) to do either, is reported in one line and left out; everything else keeps
+working. A time limit that lands while the plugin imports another package (torch, say) stops
+the command instead: that package is left half-initialised and cannot be imported again in
+this process. Whatever a plugin prints meanwhile goes to stderr. ``SFT_STRICT_PLUGINS=1`` turns those
 reports into errors, ``SFT_DISABLE_PLUGINS=a,b`` blocks plugins by name, and
 ``SFT_TRACE_PLUGINS=1`` names each plugin before it loads and prints every hook call and
 which plugins answered. Ctrl-C still interrupts.
@@ -23,7 +25,9 @@ import pluggy
 
 import sftcore
 from sftcore import hookspecs
-from sftcore.boundary import PluginTimeout, exception_text, kind, plugin_code, plugin_timeout
+from sftcore.boundary import (
+    PluginTimeout, exception_text, fix_or_disable, kind, plugin_code, plugin_label, plugin_timeout,
+)
 from sftcore.catalogue import load_catalogue
 from sftcore.errors import PluginError
 from sftcore.registry import STAGES, Component, Registry
@@ -38,6 +42,7 @@ class PluginInfo:
     distribution: str
     version: str
     builtin: bool
+    package: str | None = None  # the top-level package its entry point is in: the plugin's own modules
 
 
 @dataclass
@@ -68,7 +73,7 @@ class Host:
             except BaseException as exc:  # sys.exit() too: plugin code never ends the host
                 raise PluginError(
                     f"plugin {self.label(impl.plugin_name)} failed in {hook}: {exception_text(exc)}; "
-                    f"disable it with SFT_DISABLE_PLUGINS={impl.plugin_name}"
+                    f"{fix_or_disable(impl.plugin_name)}"
                 ) from exc
             if self.trace:
                 print(f"sft trace: {hook} -> {impl.plugin_name}: {result!r}", file=sys.stderr)
@@ -79,17 +84,7 @@ class Host:
     def label(self, plugin: str) -> str:
         """``'name' (distribution version)``, as messages name a plugin."""
         info = next((p for p in self.plugins if p.name == plugin), None)
-        return named(plugin, info.distribution, info.version) if info else f"'{plugin}'"
-
-
-def named(plugin: str, distribution: str, version: str) -> str:
-    """``'name' (distribution version)``, as messages name a plugin."""
-    return f"'{plugin}' {provenance(distribution, version)}"
-
-
-def provenance(distribution: str, version: str) -> str:
-    """``(distribution version)``; a plugin passed in directly (``(local)``) has no version."""
-    return f"({' '.join(part for part in (distribution, version) if part)})"
+        return plugin_label(plugin, info.distribution, info.version) if info else plugin_label(plugin)
 
 
 def env_list(name: str) -> list[str]:
@@ -128,45 +123,46 @@ def load_host(
             raise PluginError(message)
         host.problems.append(message)
 
-    def add(name: str, load: Callable[[], object], dist: str, version: str, builtin: bool) -> None:
+    def add(name: str, load: Callable[[], object], info: PluginInfo) -> None:
         if name in blocked:
             host.blocked.append(name)
             return
+        label = plugin_label(name, info.distribution, info.version)
         how = f"disable it with SFT_DISABLE_PLUGINS={name} or --disable-plugin {name}"
         if host.trace:  # before the import: a plugin that hangs there is named
-            print(f"sft trace: loading plugin {name} {provenance(dist, version)}", file=sys.stderr)
+            print(f"sft trace: loading plugin {label}", file=sys.stderr)
+        before = set(sys.modules)
         try:
             with plugin_code(timeout):
                 plugin = load()
                 pm.register(plugin, name=name)
         except KeyboardInterrupt:
             raise
-        except PluginTimeout:
-            report(
-                f"plugin {named(name, dist, version)} did not finish loading in {timeout:g} s; {how}, "
-                f"or allow it longer with {TIMEOUT_HINT}"
-            )
+        except PluginTimeout as exc:
+            stop_if_importing(exc, before, info.package, f"plugin {label} did not finish loading", timeout, how)
+            forget_own_modules(before, info.package)
+            report(f"plugin {label} did not finish loading in {timeout:g} s; {how}, or allow it longer with {TIMEOUT_HINT}")
             return
         except BaseException as exc:  # any import-time failure of someone else's code, sys.exit() too
-            report(f"plugin {named(name, dist, version)} failed to load: {exception_text(exc)}; {how}")
+            report(f"plugin {label} failed to load: {exception_text(exc)}; {how}")
             return
         try:
             pm.check_pending()
         except pluggy.PluginValidationError as exc:
             pm.unregister(name=name)
-            report(f"plugin {named(name, dist, version)} has an invalid hook: {one_line(exc)}; {how}")
+            report(f"plugin {label} has an invalid hook: {exception_text(exc)}; {how}")
             return
-        host.plugins.append(PluginInfo(name, dist, version, builtin))
+        host.plugins.append(info)
 
     for name, module in load_catalogue().plugins.items():
-        add(name, lambda m=module: importlib.import_module(m), "sftcore", own, True)
+        add(name, lambda m=module: importlib.import_module(m), PluginInfo(name, "sftcore", own, True, top_level(module)))
     for name, obj in (extra or {}).items():
-        add(name, lambda o=obj: o, "(local)", "", False)
+        add(name, lambda o=obj: o, PluginInfo(name, "(local)", "", False))
     if entry_points:
         for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
             dist = ep.dist.name if ep.dist else "(unknown distribution)"
             version = ep.dist.version if ep.dist else "?"
-            add(ep.name, ep.load, dist, version, False)
+            add(ep.name, ep.load, PluginInfo(ep.name, dist, version, False, top_level(ep.module)))
 
     _collect_components(host, report, timeout)
     return host
@@ -190,7 +186,7 @@ def _collect_components(host: Host, report: Callable[[str], None], timeout: floa
             problem = _call_registration(host, info, stage, hook, impl.function, timeout, pending)
             if problem:
                 failed.add(info.name)
-                report(f"plugin {named(info.name, info.distribution, info.version)} {problem}")
+                report(f"plugin {plugin_label(info.name, info.distribution, info.version)} {problem}")
     for name in failed:
         host.pm.unregister(name=name)
     host.plugins[:] = [p for p in host.plugins if p.name not in failed]
@@ -220,19 +216,23 @@ def _call_registration(
         )
         registered.append(name)
 
-    how = f"disable it with SFT_DISABLE_PLUGINS={info.name}"
+    how = fix_or_disable(info.name)
+    before = set(sys.modules)
     try:
         with plugin_code(timeout):
             function(register=register)
     except KeyboardInterrupt:
         raise
-    except PluginTimeout:
+    except PluginTimeout as exc:
+        label = plugin_label(info.name, info.distribution, info.version)
+        stop_if_importing(exc, before, info.package, f"plugin {label} did not finish {hook}", timeout, how)
+        forget_own_modules(before, info.package)
         return f"did not finish {hook} in {timeout:g} s; {how}, or allow it longer with {TIMEOUT_HINT}"
     except BaseException as exc:
         if not refused:
             return f"failed in {hook}: {exception_text(exc)}; {how}"
     if refused:
-        return f"made a bad call in {hook}: {refused[0]}; fix the plugin or {how}"
+        return f"made a bad call in {hook}: {refused[0]}; {how}"
     if host.trace:
         print(f"sft trace: {hook} -> {info.name}: {', '.join(registered) or '(none)'}", file=sys.stderr)
     return None
@@ -251,9 +251,40 @@ def registration_problem(name: Any, factory: Any, description: Any, override: An
     return None
 
 
-def one_line(exc: BaseException) -> str:
-    """The exception's message on one line: pluggy's validation errors span several."""
-    return " ".join(str(exc).split())
+def top_level(module: str) -> str:
+    """The top-level package of a dotted module name: what a plugin's own modules start with."""
+    return module.partition(".")[0]
+
+
+def owned(module: str, package: str | None) -> bool:
+    return package is not None and (module == package or module.startswith(f"{package}."))
+
+
+def stop_if_importing(
+    exc: PluginTimeout, before: set[str], package: str | None, what: str, timeout: float, how: str
+) -> None:
+    """Raise `PluginError` when the time ran out while the plugin imported another package.
+
+    That package is left half-initialised: Python drops its unfinished modules but keeps the
+    finished ones (compiled extensions among them), so importing it again, as the host does
+    next (``import torch``), fails or registers everything twice. Nothing can undo that in
+    this process, so the command stops. A module being imported already before the plugin
+    started (the host's own) is not the plugin's doing.
+    """
+    foreign = [m for m in exc.importing if m not in before and not owned(m, package)]
+    if foreign:
+        raise PluginError(
+            f"{what} in {timeout:g} s: it was importing {foreign[0]}, which cannot be imported again in this "
+            f"process; {how}, or allow it longer with {TIMEOUT_HINT}"
+        ) from None
+
+
+def forget_own_modules(before: set[str], package: str | None) -> None:
+    """Drop the plugin's own modules imported since ``before``, finished or not: it is left out,
+    and a later host in this process imports it afresh rather than finding half of it."""
+    for module in set(sys.modules) - before:
+        if owned(module, package):
+            del sys.modules[module]
 
 
 def metadata_version(dist: str) -> str:

@@ -90,15 +90,17 @@ class ModelLoader(Protocol):
     def load(self, model_name_or_path: str, **options: Any) -> tuple[Any, Any]:
         """Return ``(model, tokenizer)`` ready to train.
 
-        The tokenizer pads on the right, has a pad token, adds no EOS by itself, and has
+        The tokenizer pads on the right, has a pad token unless the loader was built with
+        ``packing=True`` (the collator pads nothing), adds no EOS by itself, and has
         ``model_max_length`` set. Loading never executes code from the checkpoint unless the
         user passed ``trust_remote_code=True``. A loader may also define
         ``load_tokenizer(model_name_or_path, **options)``, returning the tokenizer prepared as
         ``load`` would, without weights; ``sft preview`` uses it.
 
         Checked: a pair whose model is a ``torch.nn.Module`` with a ``config`` and whose tokenizer
-        has ``decode``, a numeric ``model_max_length`` and an int ``pad_token_id``
-        (``load_tokenizer``'s may lack the pad id: adding one grows the vocabulary).
+        has ``decode``, a numeric ``model_max_length`` and a ``pad_token_id`` that is an int or
+        None (a padding-free collator needs none; the pad collator then refuses to be built, in
+        one line). The built-in loader adds a pad token when the checkpoint has none.
         """
         ...
 

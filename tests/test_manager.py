@@ -65,8 +65,8 @@ class FakeDist:
 
 
 class FakeEntryPoint:
-    def __init__(self, name: str, load, dist: FakeDist | None) -> None:
-        self.name, self._load, self.dist = name, load, dist
+    def __init__(self, name: str, load, dist: FakeDist | None, module: str = "sft_test_plugin") -> None:
+        self.name, self._load, self.dist, self.module = name, load, dist, module
 
     def load(self):
         return self._load()
@@ -90,7 +90,7 @@ def raising_module(tmp_path, monkeypatch):
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     ep = importlib.metadata.EntryPoint(name="raiser", value="sft_test_raises_at_import", group="sft")
-    return FakeEntryPoint("raiser", ep.load, FakeDist("sft-raiser", "0.3.1"))
+    return FakeEntryPoint("raiser", ep.load, FakeDist("sft-raiser", "0.3.1"), ep.module)
 
 
 # --- built-ins ---------------------------------------------------------------------------------
@@ -124,7 +124,7 @@ def test_entry_point_plugin_records_distribution_and_version(clean_plugin_env):
     host = load_host()
     component = host.registry.get("collator", "tail-pad")
     assert (component.plugin, component.distribution, component.version) == ("tailpad", "sft-tailpad", "1.2.3")
-    assert host.plugins[-1] == manager_module.PluginInfo("tailpad", "sft-tailpad", "1.2.3", False)
+    assert host.plugins[-1] == manager_module.PluginInfo("tailpad", "sft-tailpad", "1.2.3", False, "sft_test_plugin")
 
 
 # --- name clashes ------------------------------------------------------------------------------

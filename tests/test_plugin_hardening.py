@@ -41,7 +41,7 @@ def plugin_module(tmp_path, clean_plugin_env):
         module = f"sft_test_{name}_{len(made)}"
         (tmp_path / f"{module}.py").write_text(source)
         ep = importlib.metadata.EntryPoint(name=name, value=module, group="sft")
-        made.append(FakeEntryPoint(name, ep.load, FakeDist(f"sft-{name}", "1.0")))
+        made.append(FakeEntryPoint(name, ep.load, FakeDist(f"sft-{name}", "1.0"), ep.module))
         use_entry_points(clean_plugin_env, *made)
         return made[-1]
 
@@ -78,7 +78,7 @@ def test_sys_exit_in_a_registration_hook_is_a_plugin_problem(clean_plugin_env):
 
     host = load_host(entry_points=False, extra={"quits": Quits()})
     assert host.problems == [
-        "plugin 'quits' ((local)) failed in register_templates: it called sys.exit(3); disable it with SFT_DISABLE_PLUGINS=quits"
+        "plugin 'quits' ((local)) failed in register_templates: it called sys.exit(3); fix the plugin or disable it with SFT_DISABLE_PLUGINS=quits"
     ]
     assert "early" not in host.registry.names("template"), "a failing plugin is left out whole"
     assert "quits" not in [p.name for p in host.plugins]
@@ -100,7 +100,7 @@ def test_sys_exit_in_trainer_callbacks_is_a_plugin_error(clean_plugin_env):
     with pytest.raises(PluginError) as info:
         host.call_each("trainer_callbacks", config={})
     assert str(info.value) == (
-        "plugin 'quits' ((local)) failed in trainer_callbacks: it called sys.exit(1); disable it with SFT_DISABLE_PLUGINS=quits"
+        "plugin 'quits' ((local)) failed in trainer_callbacks: it called sys.exit(1); fix the plugin or disable it with SFT_DISABLE_PLUGINS=quits"
     )
 
 
@@ -134,8 +134,8 @@ def test_a_plugin_hanging_at_import_is_named_and_left_out(plugin_module, capsys)
     ]
     assert "fine" in [p.name for p in host.plugins]
     err = capsys.readouterr().err
-    assert "sft trace: loading plugin sleeper (sft-sleeper 1.0)\n" in err
-    assert err.index("loading plugin sleeper") < err.index("loading plugin fine")
+    assert "sft trace: loading plugin 'sleeper' (sft-sleeper 1.0)\n" in err
+    assert err.index("loading plugin 'sleeper'") < err.index("loading plugin 'fine'")
 
 
 @needs_free_timer
@@ -148,10 +148,96 @@ def test_a_registration_hook_that_hangs_is_named(clean_plugin_env):
     clean_plugin_env.setenv("SFT_PLUGIN_TIMEOUT", "0.3")
     host = load_host(entry_points=False, extra={"hangs": Hangs()})
     assert host.problems == [
-        "plugin 'hangs' ((local)) did not finish register_collators in 0.3 s; disable it with SFT_DISABLE_PLUGINS=hangs, "
+        "plugin 'hangs' ((local)) did not finish register_collators in 0.3 s; fix the plugin or disable it with SFT_DISABLE_PLUGINS=hangs, "
         "or allow it longer with SFT_PLUGIN_TIMEOUT=SECONDS (0: no limit)"
     ]
     assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+
+
+GIVE_UP = "cannot be imported again in this process"
+LONGER = "or allow it longer with SFT_PLUGIN_TIMEOUT=SECONDS (0: no limit)"
+
+
+@needs_free_timer
+def test_a_limit_landing_while_a_plugin_imports_a_library_stops_the_command(plugin_module, tmp_path):
+    """Python keeps the finished half of an interrupted import (torch's compiled parts): the
+    host's own ``import torch`` afterwards fails or registers everything twice, so no going on."""
+    (tmp_path / "sft_test_slowlib.py").write_text("import time\ntime.sleep(60)\n")
+    plugin_module("heavy", "import sft_test_slowlib\n")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("SFT_PLUGIN_TIMEOUT", "0.5")
+        result = sft_with_entry_points("plugins")
+    assert result.exit_code == 1
+    assert result.stderr == (
+        f"Error: plugin 'heavy' (sft-heavy 1.0) did not finish loading in 0.5 s: it was importing sft_test_slowlib, "
+        f"which {GIVE_UP}; {DISABLE.format('heavy')}, {LONGER}\n"
+    )
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+
+
+@needs_free_timer
+def test_a_limit_landing_while_a_registration_hook_imports_a_library_stops_the_command(clean_plugin_env, tmp_path):
+    (tmp_path / "sft_test_slowreg.py").write_text("import time\ntime.sleep(60)\n")
+    clean_plugin_env.syspath_prepend(str(tmp_path))
+    clean_plugin_env.setenv("SFT_PLUGIN_TIMEOUT", "0.3")
+
+    class Lazy:
+        @hookimpl
+        def register_collators(self, register):
+            import sft_test_slowreg  # noqa: F401
+
+    with pytest.raises(PluginError) as info:
+        load_host(entry_points=False, extra={"lazy": Lazy()})
+    assert str(info.value) == (
+        f"plugin 'lazy' ((local)) did not finish register_collators in 0.3 s: it was importing sft_test_slowreg, "
+        f"which {GIVE_UP}; fix the plugin or disable it with SFT_DISABLE_PLUGINS=lazy, {LONGER}"
+    )
+
+
+@pytest.fixture
+def package_plugin(tmp_path, clean_plugin_env):
+    """Entry point 'pkg' at ``sft_test_pkg.plugin``, which imports a finished library
+    (``sft_test_done``), then its own helper, which sleeps ``SFT_TEST_HELPER_SLEEP`` seconds."""
+    package = tmp_path / "sft_test_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "helper.py").write_text("import os, time\ntime.sleep(float(os.environ.get('SFT_TEST_HELPER_SLEEP', '0')))\n")
+    (package / "plugin.py").write_text(
+        "import sft_test_done\nfrom sft_test_pkg import helper\nfrom sftcore import hookimpl\n"
+        "from sftcore_plugins.alpaca import AlpacaTemplate\n\n\n"
+        "@hookimpl\ndef register_templates(register):\n    register('pkg', AlpacaTemplate)\n"
+    )
+    (tmp_path / "sft_test_done.py").write_text("VALUE = 1\n")
+    clean_plugin_env.syspath_prepend(str(tmp_path))
+    clean_plugin_env.delenv("SFT_PLUGIN_TIMEOUT", raising=False)
+    ep = importlib.metadata.EntryPoint(name="pkg", value="sft_test_pkg.plugin", group="sft")
+    use_entry_points(clean_plugin_env, FakeEntryPoint("pkg", ep.load, FakeDist("sft-pkg", "1.0"), ep.module))
+    yield clean_plugin_env
+    for name in [m for m in sys.modules if m.startswith(("sft_test_pkg", "sft_test_done"))]:
+        del sys.modules[name]
+
+
+@needs_free_timer
+def test_a_limit_landing_in_the_plugins_own_code_leaves_it_out_and_forgets_its_modules(package_plugin):
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("SFT_PLUGIN_TIMEOUT", "0.5")
+        env.setenv("SFT_TEST_HELPER_SLEEP", "60")
+        host = load_host()
+    assert host.problems == [f"plugin 'pkg' (sft-pkg 1.0) did not finish loading in 0.5 s; {DISABLE.format('pkg')}, {LONGER}"]
+    assert "pkg" not in [p.name for p in host.plugins]
+    assert not [m for m in sys.modules if m.startswith("sft_test_pkg")], "none of the plugin's own modules is left"
+    import sft_test_done  # a library the plugin had finished importing stays usable
+
+    assert sft_test_done.VALUE == 1
+    again = load_host()  # and the plugin itself imports afresh, whole
+    assert again.problems == [] and again.registry.get("template", "pkg").plugin == "pkg"
+
+
+def test_the_default_limit_leaves_a_slow_library_import_its_time(clean_plugin_env):
+    from sftcore.boundary import plugin_timeout
+
+    clean_plugin_env.delenv("SFT_PLUGIN_TIMEOUT", raising=False)
+    assert plugin_timeout() == 60
 
 
 @pytest.mark.parametrize("value", ["soon", "-1", "inf"])
@@ -414,8 +500,8 @@ def use(stage: str, host, path, call: str = ""):
         return build_stage(host, config, "template").format_prompt(ROW)
     if stage == "template":
         return format_rows(build_stage(host, config, "template"), [(1, ROW)], str(path), "skip", Prepared())
-    if stage == "reader" and call == "suffix":
-        return pick_reader(host.registry, str(path))
+    if stage == "reader" and call == "suffix":  # a suffix no declared reader claims: 'bad' is built to learn its own
+        return pick_reader(host.registry, str(path.with_suffix(".csv")))
     if stage == "reader":
         rows = read_rows(build_stage(host, config, "reader"), str(path))
         return format_rows(build_stage(host, config, "template"), rows, str(path), "skip", Prepared())
@@ -483,8 +569,8 @@ WRONG = {
     # loaders: load() -> (torch.nn.Module with a config, tokenizer with a pad id)
     "loader-model-only": ("loader", answering("load", model), "", "load() returned Linear"),
     "loader-not-a-module": ("loader", answering("load", (object(), TOKENIZER)), "", "a model of object"),
-    "loader-no-pad": ("loader", answering("load", lambda: (model(), types.SimpleNamespace(**{**vars(TOKENIZER), "pad_token_id": None}))),
-                      "", "load() returned a tokenizer whose pad_token_id is NoneType None, not an int"),
+    "loader-str-pad": ("loader", answering("load", lambda: (model(), types.SimpleNamespace(**{**vars(TOKENIZER), "pad_token_id": "0"}))),
+                       "", "load() returned a tokenizer whose pad_token_id is str '0', not an int or None"),
     "loader-not-a-tokenizer": ("loader", answering("load", lambda: (model(), "gpt2")), "",
                                "load() returned str 'gpt2', not a tokenizer with decode() and model_max_length"),
     "loader-tokenizer-none": ("loader", answering("load", None, load_tokenizer=lambda self, path: None), "load_tokenizer",
