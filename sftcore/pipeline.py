@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from sftcore import IGNORE_INDEX
-from sftcore.boundary import advice, building, checked, component_origin, kind, origin_of
-from sftcore.errors import DataError, FieldError, PluginError, RowDropped, UsageError
-from sftcore.registry import Registry
+from sftcore.boundary import advice, building, checked, component_origin, exception_text, fix_or_disable, kind, origin_of
+from sftcore.errors import DataError, FieldError, PluginError, RowDropped, SftError, UsageError
+from sftcore.registry import Registry, option_problems
 
 OnBadRow = Literal["error", "skip"]
 OnDuplicate = Literal["keep", "skip", "error"]
@@ -59,35 +59,85 @@ class Prepared:
 
 def pick_reader(registry: Registry, path: str, name: str | None = None) -> Any:
     """The reader named, or the one whose suffixes match the file, behind the host's boundary."""
-    component = registry.get("reader", name) if name else reader_component(registry, path)
-    with building(component):
-        built = registry.build("reader", name) if name else component.factory()
+    if name:
+        component = registry.get("reader", name)
+        with building(component):
+            return checked(component, registry.build("reader", name))
+    component, built = reader_for(registry, path)
+    if built is None:
+        built = build_reader(registry, component, path)
     return checked(component, built)
 
 
 def reader_component(registry: Registry, path: str) -> Any:
     """The reader component whose suffixes match the file."""
+    return reader_for(registry, path)[0]
+
+
+def reader_for(registry: Registry, path: str) -> tuple[Any, Any]:
+    """``(component, reader or None)``: the reader whose suffixes match the file.
+
+    Suffixes are read from the factory (a reader class's ``suffixes``) without building it, so
+    one reader that cannot be built with no options (a required option, a failing factory)
+    cannot stop the others from being found. Only a factory that declares no suffixes is
+    built to learn its reader's (returned, so it is not built twice); those come after every
+    declared one, so a declared reader wins a suffix both claim.
+    """
     suffix = Path(path).suffix.lower()
-    readers = {c: suffixes_of(c) for c in registry.all() if c.stage == "reader"}
-    for component, suffixes in readers.items():
+    readers = [c for c in registry.all() if c.stage == "reader"]
+    known: set[str] = set()
+    undeclared = []
+    for component in readers:
+        declared = getattr(component.factory, "suffixes", None)
+        if declared is None:
+            undeclared.append(component)
+            continue
+        suffixes = checked_suffixes(component, declared)
         if suffix in suffixes:
-            return component
-    known = sorted({s for suffixes in readers.values() for s in suffixes})
-    raise UsageError(f"{path}: no reader for '{suffix or '(no suffix)'}' files; known: {', '.join(known)}; or pass --reader NAME")
+            return component, None
+        known.update(suffixes)
+    for component in undeclared:
+        built = build_reader(registry, component, path)
+        suffixes = checked_suffixes(component, getattr(built, "suffixes", ()))
+        if suffix in suffixes:
+            return component, built
+        known.update(suffixes)
+    raise UsageError(
+        f"{path}: no reader for '{suffix or '(no suffix)'}' files; known: {', '.join(sorted(known))}; or pass --reader NAME"
+    )
 
 
-def suffixes_of(component: Any) -> tuple[str, ...]:
-    """A reader's ``suffixes``, which the host reads from a reader built with no options."""
-    with building(component):
-        suffixes = getattr(component.factory(), "suffixes", ())
+def build_reader(registry: Registry, component: Any, path: str) -> Any:
+    """A reader picked by suffix, built with no options; a factory that needs some or fails is
+    refused in one line naming it (and its plugin)."""
+    problems = [p.removeprefix(f"reader '{component.name}' ") for p in option_problems(component, {})]
+    if problems:
+        raise UsageError(
+            f"{path}: the {component_origin(component)} reads '{Path(path).suffix.lower()}' files but "
+            f"{'; '.join(problems)}; name it with its options in the config "
+            f"(reader: {{name: {component.name}, options: {{...}}}})"
+        )
+    try:
+        with building(component):
+            return component.factory()
+    except SftError:
+        raise
+    except Exception as exc:
+        raise PluginError(
+            f"{component_origin(component)}: its factory raised {exception_text(exc)}; {fix_or_disable(component.plugin)}"
+        ) from exc
+
+
+def checked_suffixes(component: Any, suffixes: Any) -> tuple[str, ...]:
+    """A reader's ``suffixes``: a tuple or list of strings, else its plugin's one-line error."""
     if isinstance(suffixes, str) or not isinstance(suffixes, (list, tuple, set, frozenset)) or not all(
         isinstance(s, str) for s in suffixes
     ):
         raise PluginError(
             f"{component_origin(component)}: suffixes is {kind(suffixes)}, "
-            f"not a tuple of strings such as ('.jsonl',); fix the plugin or disable it with SFT_DISABLE_PLUGINS={component.plugin}"
+            f"not a tuple of strings such as ('.jsonl',); {fix_or_disable(component.plugin)}"
         )
-    return tuple(suffixes)
+    return tuple(s.lower() for s in suffixes)
 
 
 def read_rows(reader: Any, path: str) -> Iterator[tuple[int, Mapping[str, Any] | DataError]]:

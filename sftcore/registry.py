@@ -100,6 +100,11 @@ def unknown_message(stage: str, name: str, available: list[str]) -> str:
 
 
 _SIMPLE = (bool, int, float, str)
+# Options the host passes from what it loaded, which may be None; why, for a factory that needs a value.
+MISSING_HOST_VALUE = {
+    "pad_token_id": "the tokenizer has no pad token; use a loader that adds one, give the collator a "
+    "pad_token_id option, or use a padding-free collator (packed)",
+}
 
 
 def _accepts(value: Any, hint: Any) -> bool:
@@ -164,7 +169,8 @@ def option_problems(
             continue
         hint = hints.get(key, inspect.Parameter.empty)
         if not _accepts(value, hint):
-            problems.append(f"{label} option '{key}' must be {_describe(hint)}, got {value!r}")
+            why = f": {MISSING_HOST_VALUE[key]}" if value is None and key in MISSING_HOST_VALUE else ""
+            problems.append(f"{label} option '{key}' must be {_describe(hint)}, got {value!r}{why}")
     for n, p in named.items():
         if p.default is inspect.Parameter.empty and n not in options and n not in set(host_provided):
             problems.append(f"{label} needs option '{n}'")

@@ -635,3 +635,75 @@ def test_a_bad_masker_stops_preview_in_one_line(monkeypatch, tmp_path, tiny_mode
         "Error: masker 'bad' of plugin 'bad' ((local)): output for row 1: input_ids holds float 5.0; "
         "token ids and labels are ints; fix the plugin or disable it with SFT_DISABLE_PLUGINS=bad\n"
     )
+
+
+# --- readers picked by suffix ------------------------------------------------------------------
+
+
+class NeedsDelimiter:
+    suffixes = (".csv",)
+
+    def __init__(self, delimiter: str) -> None:
+        self.delimiter = delimiter
+
+    def read(self, path):
+        return iter(())
+
+
+class FailsToBuild:
+    suffixes = (".csv",)
+
+    def __init__(self) -> None:
+        raise RuntimeError("no csv module")
+
+
+@pytest.mark.parametrize("factory", [NeedsDelimiter, FailsToBuild])
+def test_a_reader_that_cannot_be_built_bare_leaves_jsonl_detection_alone(clean_plugin_env, factory):
+    from sftcore.pipeline import reader_component
+    from sftcore_plugins.readers import JsonLinesReader
+
+    host = load_host(entry_points=False, extra={"csvp": Registering("reader", factory)})
+    assert isinstance(pick_reader(host.registry, "data.jsonl"), JsonLinesReader)
+    assert reader_component(host.registry, "data.jsonl").name == "jsonl"
+
+
+def test_a_reader_picked_by_suffix_that_needs_an_option_says_how_to_give_it(clean_plugin_env):
+    host = load_host(entry_points=False, extra={"csvp": Registering("reader", NeedsDelimiter)})
+    with pytest.raises(UsageError) as info:
+        pick_reader(host.registry, "data.csv")
+    assert str(info.value) == (
+        "data.csv: the reader 'bad' of plugin 'csvp' ((local)) reads '.csv' files but needs option 'delimiter'; "
+        "name it with its options in the config (reader: {name: bad, options: {...}})"
+    )
+
+
+def test_a_reader_picked_by_suffix_whose_factory_fails_is_its_plugins_error(clean_plugin_env):
+    host = load_host(entry_points=False, extra={"csvp": Registering("reader", FailsToBuild)})
+    with pytest.raises(PluginError) as info:
+        pick_reader(host.registry, "data.csv")
+    assert str(info.value) == (
+        "reader 'bad' of plugin 'csvp' ((local)): its factory raised RuntimeError: no csv module; "
+        "fix the plugin or disable it with SFT_DISABLE_PLUGINS=csvp"
+    )
+
+
+# --- a tokenizer without a pad token -----------------------------------------------------------
+
+NO_PAD = types.SimpleNamespace(**{**vars(TOKENIZER), "pad_token_id": None})
+
+
+def test_a_loader_may_return_a_tokenizer_without_a_pad_id(clean_plugin_env):
+    host = load_host(entry_points=False, extra={"bad": Registering("loader", answering("load", lambda: (model(), NO_PAD)))})
+    _, tokenizer = build_stage(host, {"loader": {"name": "bad", "options": {}}}, "loader").load("m")
+    assert tokenizer.pad_token_id is None
+
+
+def test_without_a_pad_id_the_pad_collator_refuses_in_one_line_and_packed_builds(builtin_host):
+    with pytest.raises(UsageError) as info:
+        build_stage(builtin_host, {"collator": {"name": "pad", "options": {}}}, "collator", pad_token_id=None)
+    assert str(info.value) == (
+        "collator 'pad' option 'pad_token_id' must be int, got None: the tokenizer has no pad token; use a loader "
+        "that adds one, give the collator a pad_token_id option, or use a padding-free collator (packed)"
+    )
+    packed = build_stage(builtin_host, {"collator": {"name": "packed", "options": {}}}, "collator", pad_token_id=None)
+    assert packed(FEATURES)["input_ids"].tolist() == [[5, 6, 7]]
