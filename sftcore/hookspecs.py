@@ -79,7 +79,8 @@ def register_collators(register: Register) -> None:
 
     :param register: as for ``register_templates``; ``factory(**options)`` returns a
         ``sftcore.protocols.Collator``. The host passes the tokenizer's pad id as the
-        ``pad_token_id`` option when the factory accepts one.
+        ``pad_token_id`` option when the factory accepts one; it is None when the tokenizer has
+        no pad token, which a factory typed ``pad_token_id: int`` refuses in one line.
 
     Return value: ignored. Called on every plugin. Since 0.1.
     """
@@ -102,7 +103,9 @@ def register_data_readers(register: Register) -> None:
 
     :param register: as for ``register_templates``; ``factory(**options)`` returns a
         ``sftcore.protocols.DataReader``. The host picks a reader by the file's suffix
-        (``reader.suffixes``) unless one is named with ``--reader``.
+        unless one is named with ``--reader``, reading ``suffixes`` from the factory (a class
+        attribute) without building it; only a factory without one is built, with no options,
+        to learn its reader's; a reader that declares its suffixes is built only when it matches.
 
     Return value: ignored. Called on every plugin. Since 0.1.
     """
