@@ -38,8 +38,8 @@ FORMAT = 1  # bump when the file layout or what a key covers changes
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".npz", ".npy")
 # sftcore's own modules that decide what a masked row holds, besides the components' modules.
 OWN_MODULES = ("sftcore.pipeline", "sftcore.dataprep", "sftcore.tokens", "sftcore.cache", "sftcore.jsonstream")
-# A temporary of another machine (a shared cache) or of an older sftcore, whose writer's
-# liveness cannot be asked, is removed once this old.
+# A temporary not written to for this long is removed whoever wrote it: a writer on another
+# machine (a shared cache), of an older sftcore, or a dead one whose pid a live process reuses.
 STALE_TEMP_SECONDS = 3600
 HOST = socket.gethostname()
 # ".<pid>@<host>.<mkstemp's random part>.tmp"
@@ -357,10 +357,12 @@ def _remove_stale_temporaries(directory: Path) -> None:
 
 
 def _abandoned(path: Path) -> bool:
+    # A live writer keeps writing to its file; one untouched this long is stale whoever holds
+    # its pid now (a pid is reused, after a reboot or a container restart).
+    if path.stat().st_mtime < time.time() - STALE_TEMP_SECONDS:
+        return True
     match = _TEMPORARY.fullmatch(path.name)
-    if match and match.group(2) == HOST:
-        return not _alive(int(match.group(1)))
-    return path.stat().st_mtime < time.time() - STALE_TEMP_SECONDS
+    return bool(match and match.group(2) == HOST and not _alive(int(match.group(1))))
 
 
 def _alive(pid: int) -> bool:

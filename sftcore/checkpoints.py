@@ -4,8 +4,15 @@ The Trainer writes ``checkpoint-N`` in place, file by file, so a process killed 
 leaves a directory that looks like a checkpoint and is not one. A checkpoint counts as
 complete only once it holds `MARKER`, which `sftcore.interrupt` writes from ``on_save``: the
 Trainer calls it after the weights, optimizer, scheduler, RNG state and trainer_state.json
-are all on disk. The marker lists every file's size and sha256, so a file damaged since (a
+are all on disk. The marker lists every file's size and a digest, so a file damaged since (a
 bad disk, a partial copy) makes the checkpoint incomplete again.
+
+The digest is a whole file's sha256 up to `WHOLE_HASH_BYTES` (256 MiB); a larger file gets
+the sha256 of its first and last `END_BYTES` (16 MiB each) instead (``sha256_ends``), so a
+save of a 7B model's 80 GB reads about 1 GB rather than all of it (sha256 runs at ~1.2 GB/s).
+Detected: any file missing or of another size; any change in a file up to 256 MiB; a change
+within the first or last 16 MiB of a larger one (a truncated or half-copied file, a damaged
+header). Not detected: a change that keeps the size in the middle of a file over 256 MiB.
 
 Rules for ``output`` (`check_output`), which a run checks holding `LOCK_FILE` (`locked`):
 
@@ -13,8 +20,10 @@ Rules for ``output`` (`check_output`), which a run checks holding `LOCK_FILE` (`
 * ``--resume``: must hold an sft run whose saved config and data files match this one's, and a
   complete checkpoint; training continues from the newest;
 * ``--overwrite``: must hold an sft run; its completion record, final model, checkpoints and
-  records are removed first, in that order, so none can be resumed or mistaken for this run's;
-  files sftcore did not write are left alone;
+  records are removed first, in that order, so none can be resumed or mistaken for this run's,
+  and its sft_config.yaml last, so a kill part way leaves a run the next --overwrite replaces;
+  files sftcore did not write are left alone (a checkpoint holding `MARKER` is sftcore's,
+  whatever else the Trainer or a plugin saved in it);
 * anything else is refused: another run's checkpoints would be overwritten or resumed by mistake.
 """
 
@@ -22,13 +31,14 @@ from __future__ import annotations
 
 import errno
 import fnmatch
+import hashlib
 import json
 import logging
 import os
 import re
 import shutil
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -46,15 +56,18 @@ RUN_RECORDS = (CONFIG_FILE, DATA_FILE, "loss.csv", "eval_loss.csv", "loss.png", 
 # The final weights as the Trainer names them: --overwrite removes them even when no summary
 # lists them (a run stopped while saving them), as a reader would take them for the new run's.
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors")
-# What the Trainer and sftcore write into a checkpoint: a checkpoint-N holding anything else is
-# not sftcore's, and --overwrite leaves it.
+# What the Trainer and sftcore write into a checkpoint: an unmarked checkpoint-N (a save killed
+# part way) holding anything else is not sftcore's, and --overwrite leaves it.
 CHECKPOINT_FILES = (
     MARKER, f"{MARKER}.tmp", "trainer_state.json", "training_args.bin", "optimizer*.pt", "scheduler*.pt",
     "scaler.pt", "rng_state*.pth", "model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin",
     "config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json",
     "chat_template.jinja", "vocab.*", "merges.txt", "*.model", "global_step*", "latest", "zero_to_fp32.py",
-    "pytorch_model_fsdp*", "optimizer_*", "adapter_*",
+    "pytorch_model_fsdp*", "optimizer_*", "adapter_*", "README.md", "preprocessor_config.json",
+    "processor_config.json", "chat_template.json", "video_preprocessor_config.json",
 )
+WHOLE_HASH_BYTES = 256 << 20  # files up to this size are hashed whole
+END_BYTES = 16 << 20  # of a larger file, the sha256 covers this much of its start and of its end
 # Settings a resumed run may change: where and how often it writes, not what it learns.
 RESUMABLE_CHANGES = {
     "output", "cache_dir", "training.save_steps", "training.save_total_limit", "training.logging_steps",
@@ -72,11 +85,9 @@ def checkpoints(output: Path) -> list[tuple[int, Path]]:
 
 
 def write_marker(checkpoint: Path, step: int) -> None:
-    """Write `MARKER` into ``checkpoint``: the step and every other file's size and sha256."""
-    from sftcore.cache import file_digest
-
+    """Write `MARKER` into ``checkpoint``: the step and every other file's size and digest (`fingerprint`)."""
     files = {
-        path.relative_to(checkpoint).as_posix(): {"size": path.stat().st_size, "sha256": file_digest(path)}
+        path.relative_to(checkpoint).as_posix(): fingerprint(path)
         for path in sorted(checkpoint.rglob("*"))
         if path.is_file() and path.name not in (MARKER, f"{MARKER}.tmp")
     }
@@ -85,14 +96,41 @@ def write_marker(checkpoint: Path, step: int) -> None:
     os.replace(temporary, checkpoint / MARKER)  # a kill leaves no half-written marker
 
 
+def fingerprint(path: Path) -> dict[str, Any]:
+    """``{"size", "sha256"}`` of a file up to `WHOLE_HASH_BYTES`, ``{"size", "sha256_ends"}`` of a larger one."""
+    size = path.stat().st_size
+    if size <= WHOLE_HASH_BYTES:
+        from sftcore.cache import file_digest
+
+        return {"size": size, "sha256": file_digest(path, remember=False)}
+    return {"size": size, "sha256_ends": _ends_digest(path)}
+
+
+def _ends_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for offset in (0, os.fstat(handle.fileno()).st_size - END_BYTES):
+            handle.seek(offset)
+            remaining = END_BYTES
+            while remaining and (block := handle.read(min(remaining, 1 << 20))):
+                digest.update(block)
+                remaining -= len(block)
+    return digest.hexdigest()
+
+
+def _differs(path: Path, expected: Mapping[str, Any]) -> bool:
+    if "sha256_ends" in expected:
+        return _ends_digest(path) != expected["sha256_ends"]
+    from sftcore.cache import file_digest
+
+    return file_digest(path, remember=False) != expected["sha256"]  # a whole file's, as any marker holds
+
+
 def damage(checkpoint: Path, *, verify: bool = True) -> str | None:
     """Why ``checkpoint`` cannot be resumed from, or None when it is complete and intact.
 
-    ``verify=False`` checks names and sizes only: hashing reads the whole checkpoint, which one
-    process of a run does for all (`sftcore.train.run` hands its choice to the others).
+    ``verify=False`` checks names and sizes only, without reading the files (module docstring).
     """
-    from sftcore.cache import file_digest
-
     if not (checkpoint / MARKER).is_file() or not (checkpoint / "trainer_state.json").is_file():
         return "it was not completely written (the run stopped while saving it)"
     text = (checkpoint / MARKER).read_text(encoding="utf-8", errors="replace")
@@ -102,15 +140,27 @@ def damage(checkpoint: Path, *, verify: bool = True) -> str | None:
         listed = json.loads(text)["files"]
     except (ValueError, TypeError, KeyError):
         return f"its {MARKER} file is damaged"
+    if not _well_formed(listed):
+        return f"its {MARKER} file is damaged"
     for name, expected in listed.items():
         path = checkpoint / name
         if not path.is_file():
             return f"{name} is missing"
         if path.stat().st_size != expected["size"]:
             return f"{name} has {path.stat().st_size} bytes, {expected['size']} when saved"
-        if verify and file_digest(path, remember=False) != expected["sha256"]:
+        if verify and _differs(path, expected):
             return f"{name} differs from the file saved (sha256)"
     return None
+
+
+def _well_formed(listed: Any) -> bool:
+    """Whether a marker's ``files`` maps each name to its integer size and a digest string."""
+    return isinstance(listed, Mapping) and all(
+        isinstance(entry, Mapping)
+        and isinstance(entry.get("size"), int)
+        and isinstance(entry.get("sha256_ends", entry.get("sha256")), str)
+        for entry in listed.values()
+    )
 
 
 def is_complete(checkpoint: Path, *, verify: bool = True) -> bool:
@@ -119,11 +169,17 @@ def is_complete(checkpoint: Path, *, verify: bool = True) -> bool:
 
 def newest_complete(output: Path, *, verify: bool = True) -> tuple[Path | None, list[Path]]:
     """The newest complete checkpoint, and the incomplete or damaged ones newer than it."""
-    incomplete: list[Path] = []
+    checkpoint, incomplete = _newest(output, verify)
+    return checkpoint, [path for path, _why in incomplete]
+
+
+def _newest(output: Path, verify: bool) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """`newest_complete`, with why each newer one is not: each checkpoint is read once."""
+    incomplete: list[tuple[Path, str]] = []
     for _step, path in reversed(checkpoints(output)):
-        if is_complete(path, verify=verify):
+        if (why := damage(path, verify=verify)) is None:
             return path, incomplete
-        incomplete.append(path)
+        incomplete.append((path, why))
     return None, incomplete
 
 
@@ -152,15 +208,21 @@ def changed_data(output: Path, config: Mapping[str, Any]) -> str | None:
         return None
     from sftcore.cache import file_digest
 
-    saved = json.loads(record.read_text(encoding="utf-8"))
-    for key, then in saved.items():
-        path = config.get(key) or then["path"]
+    try:
+        saved = json.loads(record.read_text(encoding="utf-8"))
+        files = [(key, config.get(key) or then["path"], str(then["sha256"])) for key, then in saved.items()]
+    except (ValueError, TypeError, KeyError, AttributeError):
+        raise UsageError(
+            f"--resume: {record} is damaged, so the data the run started on is not known; restore it, "
+            "or pass --overwrite to start again"
+        ) from None
+    for key, path, sha256 in files:
         try:
             now = file_digest(path)
         except OSError as exc:
             return f"{path} ({key}) cannot be read now ({exc.strerror})"
-        if now != then["sha256"]:
-            return f"{path} ({key}) changed since the run started (sha256 {then['sha256'][:12]} then, {now[:12]} now)"
+        if now != sha256:
+            return f"{path} ({key}) changed since the run started (sha256 {sha256[:12]} then, {now[:12]} now)"
     return None
 
 
@@ -201,15 +263,29 @@ def claim(output: Path) -> None:
 
 @contextmanager
 def removed_if_unused(output: Path, new: bool) -> Iterator[None]:
-    """Remove ``output`` again, when this run made it, if the run stops before writing into it:
-    a run refused for its data leaves nothing behind. Inside `locked`, so no other run has it meanwhile."""
+    """Leave ``output`` as it was if the run stops before writing into it: a run refused for its
+    data leaves nothing behind. The lock file goes from a directory that held nothing else, and
+    the directory too when this run made it. Inside `locked`, so no other run has it meanwhile."""
+    empty = not _entries(output)
     try:
         yield
     except BaseException:
-        if new and output.is_dir() and not _entries(output):
-            (output / LOCK_FILE).unlink(missing_ok=True)
-            output.rmdir()
+        if empty and output.is_dir() and not _entries(output):
+            with suppress(OSError):  # never hide the error that stopped the run
+                (output / LOCK_FILE).unlink(missing_ok=True)
+                if new:
+                    output.rmdir()
         raise
+
+
+def take(held: ExitStack, output: Path, config: Mapping[str, Any], *, new: bool, resume: bool, overwrite: bool) -> Path | None:
+    """The main process's claim on ``output``: refuse it, or create it, lock it (for as long as
+    ``held`` is open) and apply `check_output`; the checkpoint to resume from, if any."""
+    refuse_early(output, config, resume=resume, overwrite=overwrite)
+    claim(output)
+    held.enter_context(locked(output))
+    held.enter_context(removed_if_unused(output, new))
+    return check_output(output, config, resume=resume, overwrite=overwrite)
 
 
 @contextmanager
@@ -218,30 +294,39 @@ def locked(output: Path) -> Iterator[None]:
 
     flock, not a file that exists or not: the kernel drops it when its holder dies, even by
     SIGKILL, so no stale lock outlives a run. The holder's pid is written in, for the message.
+    A filesystem without flock (some NFS and Lustre mounts) runs unlocked, with a warning.
     """
-    import fcntl
-
     path = output / LOCK_FILE
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
         raise SftError(f"output {output} is not writable ({exc.strerror}); choose another --output") from None
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
+        if _flock(fd, output):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _flock(fd: int, output: Path) -> bool:
+    """Take the lock on ``fd``: True, or False (warned) where the filesystem has no locks."""
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
             pid = f" (pid {holder})" if holder.isdigit() else ""
             raise SftError(
                 f"output {output} is in use by another sft run{pid}; wait for it to end, or choose another --output"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
+        why = exc.strerror or exc  # ENOLCK, EOPNOTSUPP, ENOSYS: NFS without lockd, some Lustre mounts
+    log.warning("output %s cannot be locked (%s); running unlocked: a second run there would not be refused", output, why)
+    return False
 
 
 def differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
@@ -312,9 +397,9 @@ def check_output(
             f"--resume: {output} was trained with save_only_model, so its checkpoints hold no optimizer, "
             f"scheduler or RNG state to continue from; pass --overwrite to start again"
         )
-    checkpoint, ignored = newest_complete(output, verify=verify)
-    for path in ignored:
-        log.warning("ignoring %s: %s", path, damage(path, verify=verify))
+    checkpoint, ignored = _newest(output, verify)
+    for path, why in ignored:
+        log.warning("ignoring %s: %s", path, why)
     if checkpoint is None:
         raise UsageError(f"--resume: {output} has no complete checkpoint to resume from; pass --overwrite to start again")
     log.info("resuming from %s", checkpoint)
@@ -325,13 +410,15 @@ def clear(output: Path) -> None:
     """Remove the previous run's files (never another's) before a new run in ``output``.
 
     The completion record goes first, then the final model: a kill part way leaves a run that
-    reads as unfinished, never old weights beside a new run's config.
+    reads as unfinished, never old weights beside a new run's config. The config goes last: it
+    is what makes the directory an sft run, which the next --overwrite needs to finish the job.
     """
     summary = output / SUMMARY_FILE
     removed = [summary] if summary.is_file() else []
     removed += [output / name for name in model_files(output) if (output / name).is_file()]
     removed += [path for _step, path in checkpoints(output) if _written_by_trainer(path)]
-    removed += [output / name for name in RUN_RECORDS if (output / name).is_file()]
+    removed += [output / name for name in RUN_RECORDS if name != CONFIG_FILE and (output / name).is_file()]
+    removed += [output / CONFIG_FILE] if (output / CONFIG_FILE).is_file() else []
     removed = list(dict.fromkeys(removed))  # the summary lists trainer_state.json, a record too
     for path in removed:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
@@ -356,6 +443,9 @@ def _listed_model_files(output: Path) -> list[str]:
 
 
 def _written_by_trainer(checkpoint: Path) -> bool:
+    """Marked by sftcore (whatever else a save put there), or holding only what a save writes."""
+    if (checkpoint / MARKER).is_file():
+        return True
     return all(any(fnmatch.fnmatch(p.name, f) for f in CHECKPOINT_FILES) for p in checkpoint.iterdir())
 
 

@@ -24,6 +24,13 @@ COMMANDS = {
 }
 
 
+def one_line(exc: BaseException) -> str:
+    """An error's reason in one line: its strerror, or its text with the lines joined
+    (transformers' OSErrors and ValueErrors run to several)."""
+    text = getattr(exc, "strerror", None) or str(exc)
+    return " ".join(line.strip() for line in text.splitlines() if line.strip()) or type(exc).__name__
+
+
 class LazyGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
         return list(COMMANDS)
@@ -55,7 +62,7 @@ class LazyGroup(click.Group):
             ctx.exit(130)
         except OSError as exc:  # the last resort: a disk, a mount or a permission the user can fix
             where = f"{exc.filename}: " if exc.filename else ""
-            click.echo(f"Error: {where}{exc.strerror or exc}", err=True)
+            click.echo(f"Error: {where}{one_line(exc)}", err=True)
             ctx.exit(1)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 from sftcore.errors import SftError, UsageError
@@ -50,6 +51,42 @@ def agreed(value: Any) -> Any:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def decided(decide: Callable[[], Any]) -> Any:
+    """``decide()``, called in the main process only, and its value in every process.
+
+    The others never look for themselves (at an output directory the main process is changing,
+    say). When ``decide`` raises, the main process raises it and the others raise its one line
+    silently (`SftError.same_in_every_process`), so that none waits for a value that never comes.
+    """
+    if not is_main_process():
+        outcome = agreed(None)
+        if outcome is None:
+            return None
+        value, failure = outcome
+        if failure is not None:
+            raise _Failed(*failure)
+        return value
+    try:
+        value = decide()
+    except BaseException as exc:
+        message = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        code = exc.exit_code if isinstance(exc, SftError) else 1
+        agreed((None, (message, code)))
+        raise
+    agreed((value, None))
+    return value
+
+
+class _Failed(SftError):
+    """What the main process raised in `decided`: it prints the message, this process exits with its code."""
+
+    same_in_every_process = True
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        self.exit_code = exit_code
+        super().__init__(message)
 
 
 def summed(*counts: int) -> tuple[int, ...]:

@@ -142,16 +142,27 @@ class StopOnNonFinite(TrainerCallback):
     """Raises `Diverged` at the first logged loss (or gradient norm) that is not finite.
 
     Raised from ``on_log``, which the Trainer calls before it saves a checkpoint at that step,
-    so no NaN weights are saved as resumable. sftcore turns the Trainer's
+    so no NaN weights are saved as resumable; a step that saves is always logged, for that
+    (``on_step_end``: otherwise a save_steps that is no multiple of logging_steps would save
+    and mark a step whose loss nobody looked at). sftcore turns the Trainer's
     ``logging_nan_inf_filter`` off by default: it logs the mean of earlier losses for a NaN one.
-    The gradient norm is never filtered, so a run that sets the filter on still stops.
+    The gradient norm is never filtered, so a run that sets the filter on still stops; except
+    under fp16, whose GradScaler meets an infinite norm by design (an overflow) and skips that
+    step, lowering its scale: there the loss decides alone.
     """
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        for key in ("loss", "grad_norm"):
+        for key in ("loss",) if args.fp16 else ("loss", "grad_norm"):
             value = (logs or {}).get(key)
             if isinstance(value, (int, float)) and not math.isfinite(value):
                 raise Diverged(diverged_message(args, state.global_step, key, value))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        # Added after every other callback, so it sees each one's should_save.
+        if control.should_save:
+            control.should_log = True
+
+    on_epoch_end = on_step_end  # a save at the end of an epoch (save_strategy "epoch")
 
 
 def diverged_message(args: Any, step: int, key: str, value: float) -> str:

@@ -8,13 +8,14 @@ import logging
 import os
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sftcore import config as cfg
 from sftcore import distributed
+from sftcore.cli import one_line
 from sftcore.errors import SftError, UsageError
 from sftcore.manager import Host
 from sftcore.dataprep import BUILTIN_MODEL, build_stage, cap_max_length, eval_rows, model_path, prepare_data
@@ -130,7 +131,7 @@ def run(
     ``resume`` continues the run in the output directory from its newest complete checkpoint;
     ``overwrite`` replaces the run there (see `sftcore.checkpoints`).
     """
-    from sftcore.checkpoints import check_output, claim, locked, refuse_early, removed_if_unused
+    from sftcore.checkpoints import take
 
     config = cfg.effective(user_config)
     cfg.check(config, host.registry)
@@ -142,18 +143,19 @@ def run(
     # TrainingArguments first: under a launcher it sets up the processes, with the user's ddp_* settings.
     main = distributed.is_main_process()
     named = config.get("output")
-    args = training_arguments(config, named or default_output(config, create=main))
-    output = Path(distributed.agreed(args.output_dir))  # each process stamps its own default name
+    args = training_arguments(config, named or default_output(config))
+    # Made only now, so that settings TrainingArguments refuses leave no directory behind.
+    made = default_output(config, create=True) if main and not named else args.output_dir
+    output = Path(distributed.agreed(made))  # each process would stamp its own default name
     args.output_dir = config["output"] = str(output)
     log.info("output: %s", output)
     new = not named or not (output.exists() or output.is_symlink())  # a default name was made, empty, for this run
-    if main:
-        refuse_early(output, config, resume=resume, overwrite=overwrite)
-        claim(output)
-    # The main process holds the directory for the whole run: a second run there fails at once.
-    with locked(output) if main else nullcontext(), removed_if_unused(output, new and main):
-        checkpoint = check_output(output, config, resume=resume, overwrite=overwrite, remove=main, verify=main)
-        checkpoint = distributed.agreed(checkpoint)  # the one the main process verified, file by file
+    # The main process holds the directory for the whole run (a second run there fails at once)
+    # and decides alone what it holds: the others take its checkpoint, or its refusal.
+    with ExitStack() as held:
+        checkpoint = distributed.decided(
+            lambda: take(held, output, config, new=new, resume=resume, overwrite=overwrite)
+        )
         # The main process prepares and caches; the others wait for it, then read its cache.
         with args.main_process_first(desc="preparing data"):
             data = prepare_data(host, config, progress=progress)
@@ -173,19 +175,27 @@ WRITE_HINTS = {
 
 # How torch.save and safetensors report a write that failed (a full disk): not as an OSError.
 WRITE_FAILED = ("file write failed", "os error 28", "No space left on device")
+# How DDP reports parameters that took no part in a step's loss, when not told to look for them.
+UNUSED_PARAMETERS = "Expected to have finished reduction in the prior iteration before starting a new one"
 
 
 @contextmanager
 def output_errors(output: Path) -> Iterator[None]:
-    """An OSError while the run reads or writes its files as one line naming the file."""
+    """An OSError while the run reads or writes its files as one line naming the file; so too a
+    failed write torch or safetensors reports otherwise, and DDP's unused parameters."""
     from safetensors import SafetensorError
 
     try:
         yield
     except OSError as exc:
         where = exc.filename or output
-        raise SftError(f"{where}: {exc.strerror or exc}{WRITE_HINTS.get(exc.errno, '')}") from None
+        raise SftError(f"{where}: {one_line(exc)}{WRITE_HINTS.get(exc.errno, '')}") from None
     except (RuntimeError, SafetensorError) as exc:
+        if UNUSED_PARAMETERS in str(exc):
+            raise SftError(
+                "DDP: some of the model's parameters took no part in the loss, and sftcore does not ask DDP to "
+                "look for such parameters by default; pass --set ddp_find_unused_parameters=true"
+            ) from None
         text = (str(exc).strip().splitlines() or [""])[-1]
         if not any(sign in text for sign in WRITE_FAILED):
             raise
@@ -350,7 +360,10 @@ def training_arguments(config: Mapping[str, Any], output: str) -> Any:
     if cfg.evaluates(config):  # the held-out loss after every epoch, in batches like training's
         defaults["eval_strategy"] = "epoch"
         defaults["per_device_eval_batch_size"] = config["training"].get("per_device_train_batch_size", 8)
-    return TrainingArguments(**{**defaults, **config["training"]})
+    try:
+        return TrainingArguments(**{**defaults, **config["training"]})
+    except (ValueError, TypeError) as exc:  # settings each valid alone that do not go together
+        raise UsageError(f"training settings: {one_line(exc)}; change the config's training section or --set") from None
 
 
 def build_trainer(host, config, model, tokenizer, data, collator, curve, args, progress=True, held_out=None):

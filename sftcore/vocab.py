@@ -27,7 +27,10 @@ SHOWN_TOKENS = 5
 
 
 def embedding_rows(model: Any) -> int:
-    return int(model.get_input_embeddings().weight.shape[0])
+    """How many rows the input embeddings have, also where a process holds only a shard of them."""
+    weight = model.get_input_embeddings().weight
+    shape = getattr(weight, "ds_shape", None)  # DeepSpeed ZeRO-3: weight.shape is (0,), the full one is here
+    return int(shape[0] if shape is not None else weight.shape[0])
 
 
 def fit_embeddings(model: Any, tokenizer: Any, source: str) -> None:

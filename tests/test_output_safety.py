@@ -194,3 +194,25 @@ def test_a_finished_run_keeps_scheduled_checkpoints_only(monkeypatch, tmp_path, 
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-3"]
     assert (output / "checkpoint-3" / MARKER).is_file() and (output / "model.safetensors").is_file()
+
+
+def test_overwrite_removes_a_marked_checkpoint_whatever_else_it_holds_and_the_config_last(monkeypatch, tmp_path):
+    import pathlib
+
+    output = tmp_path / "out"
+    for step in (4, 8):  # a PEFT save adds README.md; a killed save wrote no marker
+        (output / f"checkpoint-{step}").mkdir(parents=True)
+        (output / f"checkpoint-{step}" / "README.md").write_text("adapter card")
+        (output / f"checkpoint-{step}" / "adapter_model.safetensors").write_text("x")
+    (output / "checkpoint-4" / "notes.txt").write_text("a file the Trainer never writes")
+    (output / "checkpoint-4" / MARKER).write_text("4\n")
+    for name in ("sft_config.yaml", "sft_data.json", "loss.csv", "model.safetensors", "summary.json"):
+        (output / name).write_text("{}")
+    removed = []
+    real_unlink, real_rmtree = pathlib.Path.unlink, shutil.rmtree
+    monkeypatch.setattr(pathlib.Path, "unlink", lambda self, *a, **k: (removed.append(self.name), real_unlink(self, *a, **k)))
+    monkeypatch.setattr(shutil, "rmtree", lambda path, *a, **k: (removed.append(path.name), real_rmtree(path, *a, **k)))
+    assert check_output(output, {}, resume=False, overwrite=True) is None
+    assert listing(output) == []
+    assert removed[0] == SUMMARY_FILE and removed[-1] == "sft_config.yaml"
+    assert {"checkpoint-4", "checkpoint-8"} <= set(removed)

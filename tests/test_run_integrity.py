@@ -15,12 +15,15 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
+import types
 
 import pytest
 from safetensors import SafetensorError
 from cli_runs import ROWS, forbid_model_loading, sft, write_jsonl
 
 from sftcore import cache, hookimpl
+from sftcore import config as cfg
 from sftcore.checkpoints import DATA_FILE, LOCK_FILE, MARKER, check_output, damage, locked, newest_complete, write_marker
 from sftcore.errors import SftError
 from sftcore.train import SUMMARY_FILE, Summary, default_output, output_errors
@@ -442,3 +445,187 @@ def test_the_summary_gives_the_best_held_out_loss_and_its_step():
         eval_rows=4, first_eval_loss=1.9, last_eval_loss=1.7, best_eval_loss=1.25, best_eval_step=20,
     )
     assert "held-out loss (4 rows): first 1.9000, last 1.7000, best 1.2500 at step 20" in summary.lines()
+
+
+# ---- a diverged run, under fp16 and between logged steps -----------------------------------
+
+
+def fp16_args():
+    """What StopOnNonFinite reads of the arguments of an fp16 run (CPUs refuse fp16 TrainingArguments)."""
+    return types.SimpleNamespace(fp16=True, learning_rate=1e-3, max_grad_norm=1.0)
+
+
+def test_an_fp16_step_the_scaler_skips_does_not_stop_the_run():
+    from transformers import TrainerControl, TrainerState
+
+    from sftcore.interrupt import Diverged, StopOnNonFinite
+
+    state = TrainerState(global_step=3)
+    StopOnNonFinite().on_log(fp16_args(), state, TrainerControl(), logs={"loss": 2.5, "grad_norm": math.inf})
+    with pytest.raises(Diverged, match="^the training loss became inf at step 3;"):
+        StopOnNonFinite().on_log(fp16_args(), state, TrainerControl(), logs={"loss": math.inf, "grad_norm": math.inf})
+    without_fp16 = types.SimpleNamespace(fp16=False, learning_rate=1e-3, max_grad_norm=1.0)
+    with pytest.raises(Diverged, match="^the training gradient norm became inf at step 3;"):
+        StopOnNonFinite().on_log(without_fp16, state, TrainerControl(), logs={"loss": 2.5, "grad_norm": math.inf})
+
+
+def test_a_step_that_saves_is_logged_so_a_nan_there_is_seen_before_the_checkpoint():
+    from transformers import TrainerControl, TrainerState
+
+    from sftcore.interrupt import StopOnNonFinite
+
+    saving, not_saving = TrainerControl(should_save=True), TrainerControl()
+    StopOnNonFinite().on_step_end(fp16_args(), TrainerState(global_step=5), saving)
+    StopOnNonFinite().on_step_end(fp16_args(), TrainerState(global_step=6), not_saving)
+    StopOnNonFinite().on_epoch_end(fp16_args(), TrainerState(global_step=7), epoch_end := TrainerControl(should_save=True))
+    assert (saving.should_log, not_saving.should_log, epoch_end.should_log) == (True, False, True)
+
+
+# ---- DDP's unused parameters, TrainingArguments' own refusals, multi-line OSErrors: one line --
+
+
+def test_ddp_unused_parameters_are_one_line_naming_the_setting(tmp_path):
+    error = RuntimeError(
+        "Expected to have finished reduction in the prior iteration before starting a new one. This error "
+        "indicates that your module has parameters that were not used in producing loss.\n"
+        "Parameter indices which did not receive grad for rank 0: 3 4"
+    )
+    with pytest.raises(SftError) as caught, output_errors(tmp_path):
+        raise error
+    assert str(caught.value) == (
+        "DDP: some of the model's parameters took no part in the loss, and sftcore does not ask DDP to look for "
+        "such parameters by default; pass --set ddp_find_unused_parameters=true"
+    )
+
+
+def test_settings_training_arguments_refuses_are_one_line_and_leave_no_directory(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    forbid_model_loading(monkeypatch)
+    result = sft(monkeypatch, "run", "--set", "load_best_model_at_end=true", "--max-steps", "1", "--no-progress")
+    assert result.exit_code == 2
+    assert result.stderr == (
+        "Error: training settings: --load_best_model_at_end requires the save and eval strategy to match, except "
+        'when --save_strategy="best", but found - Evaluation strategy: IntervalStrategy.NO - Save strategy: '
+        "SaveStrategy.STEPS; change the config's training section or --set\n"
+    )
+    assert listing(tmp_path) == []
+
+
+def test_a_multi_line_os_error_is_one_line_at_the_command_line(monkeypatch, tmp_path):
+    def offline(ctx):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.\nCheck your internet connection.")
+
+    monkeypatch.setattr("sftcore.commands.validate.host_from", offline)
+    (tmp_path / "run.yaml").write_text("model: m\n")
+    result = sft(monkeypatch, "validate", tmp_path / "run.yaml")
+    assert (result.exit_code, result.stderr) == (
+        1, "Error: We couldn't connect to 'https://huggingface.co' to load the files. Check your internet connection.\n"
+    )
+
+
+# ---- locks, cleanups, damaged records --------------------------------------------------------
+
+
+def test_a_filesystem_without_locks_runs_unlocked_with_a_warning(monkeypatch, caplog, tmp_path):
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr("fcntl.flock", no_locks)
+    entered = False
+    with locked(tmp_path):
+        entered = True
+    assert entered
+    assert caplog.messages == [
+        f"output {tmp_path} cannot be locked (No locks available); running unlocked: a second run there would not be refused"
+    ]
+
+
+def test_a_refused_run_leaves_an_empty_directory_empty(monkeypatch, tmp_path, tiny_model_dir, data):
+    output = tmp_path / "empty"
+    output.mkdir()
+    result = run(monkeypatch, tiny_model_dir, data, output, "--resume")
+    assert (result.exit_code, result.stderr) == (
+        2, f"Error: --resume: {output} holds no run to resume; leave out --resume to start one\n"
+    )
+    assert listing(output) == []
+
+
+def test_a_stale_temporary_goes_even_when_its_pid_is_alive_again(tmp_path):
+    directory = tmp_path / "prepared"
+    directory.mkdir()
+    reused = directory / f".{os.getpid()}@{cache.HOST}.abc123.tmp"  # a dead writer's pid, now this process's
+    fresh = directory / f".{os.getpid()}@{cache.HOST}.def456.tmp"
+    reused.write_bytes(b"x")
+    fresh.write_bytes(b"y")
+    hours_ago = time.time() - cache.STALE_TEMP_SECONDS - 60
+    os.utime(reused, (hours_ago, hours_ago))
+    assert cache.load(directory, "k") is None
+    assert (reused.exists(), fresh.exists()) == (False, True)
+
+
+def test_a_damaged_data_record_is_one_line(monkeypatch, stopped, tiny_model_dir, data):
+    (stopped / DATA_FILE).write_text('["not", "a", "record"]\n')
+    result = run(monkeypatch, tiny_model_dir, data, stopped, "--resume")
+    assert (result.exit_code, result.stderr) == (
+        2,
+        f"Error: --resume: {stopped / DATA_FILE} is damaged, so the data the run started on is not known; restore it, "
+        "or pass --overwrite to start again\n",
+    )
+
+
+@pytest.mark.parametrize("files", [["optimizer.pt"], {"optimizer.pt": 12}, {"optimizer.pt": {"size": "12"}}])
+def test_a_marker_listing_files_otherwise_is_damaged(tmp_path, files):
+    (tmp_path / "trainer_state.json").write_text("{}")
+    (tmp_path / MARKER).write_text(json.dumps({"step": 1, "files": files}))
+    assert damage(tmp_path) == f"its {MARKER} file is damaged"
+
+
+# ---- what a checkpoint's marker can tell ---------------------------------------------------
+
+
+def test_a_file_above_the_threshold_is_fingerprinted_by_its_ends(monkeypatch, tmp_path):
+    from sftcore import checkpoints
+
+    monkeypatch.setattr(checkpoints, "WHOLE_HASH_BYTES", 4096)
+    monkeypatch.setattr(checkpoints, "END_BYTES", 1024)
+    (tmp_path / "trainer_state.json").write_text("{}")
+    big = tmp_path / "optimizer.pt"
+    big.write_bytes(os.urandom(10_000))
+    write_marker(tmp_path, 1)
+    listed = json.loads((tmp_path / MARKER).read_text())["files"]
+    assert set(listed["optimizer.pt"]) == {"size", "sha256_ends"}
+    assert set(listed["trainer_state.json"]) == {"size", "sha256"}
+
+    def flipped(offset):
+        content = bytearray(big.read_bytes())
+        content[offset] ^= 0xFF
+        big.write_bytes(bytes(content))
+
+    flipped(5000)  # the middle of a large file: not read, as the module docstring says
+    assert damage(tmp_path) is None
+    flipped(9_999)
+    assert damage(tmp_path) == "optimizer.pt differs from the file saved (sha256)"
+    flipped(9_999)
+    flipped(0)
+    assert damage(tmp_path) == "optimizer.pt differs from the file saved (sha256)"
+    flipped(0)
+    assert damage(tmp_path) is None
+    listed["optimizer.pt"] = {"size": 10_000, "sha256": cache.file_digest(big)}  # an earlier marker: whole files
+    (tmp_path / MARKER).write_text(json.dumps({"step": 1, "files": listed}))
+    assert damage(tmp_path) is None
+
+
+def test_a_resume_reads_each_checkpoint_file_once(monkeypatch, caplog, stopped):
+    from collections import Counter
+
+    weights = stopped / "checkpoint-2" / "model.safetensors"
+    content = bytearray(weights.read_bytes())
+    content[-1] ^= 0xFF
+    weights.write_bytes(bytes(content))
+    hashed = Counter()
+    real = cache._sha256
+    monkeypatch.setattr(cache, "_sha256", lambda path: hashed.update([str(path)]) or real(path))
+    config = cfg.absolute_paths(cfg.load_yaml(str(stopped / "sft_config.yaml")))
+    assert check_output(stopped, config, resume=True, overwrite=False) == stopped / "checkpoint-1"
+    assert f"ignoring {stopped / 'checkpoint-2'}: model.safetensors differs from the file saved (sha256)" in caplog.messages
+    assert hashed and max(hashed.values()) == 1, hashed
