@@ -46,6 +46,7 @@ import yaml
 from sftcore.catalogue import load_catalogue
 from sftcore.errors import UsageError
 from sftcore.registry import STAGES, Registry, _accepts, _describe, option_problems, unknown_message
+from sftcore.weights import is_weight_file
 
 TOP_KEYS = {
     "model", "data", "eval_data", "eval_split", "output", "max_length", "on_bad_row", "on_duplicate", "cache_dir",
@@ -82,6 +83,10 @@ NUMBER_RANGES: dict[str, tuple[float, bool, float | None, bool]] = {
     "data_seed": (0, True, 2**32 - 1, True),
     "dataloader_num_workers": (0, True, None, False),
 }
+# Text-typed fields TrainingArguments also takes a boolean for: fsdp true turns FSDP on (fsdp_config
+# tunes it), a false deepspeed is no DeepSpeed. Any other text field refuses one: a boolean
+# accelerator_config would be opened as a file (descriptor 0 or 1).
+BOOLEAN_TEXT: dict[str, tuple[bool, ...]] = {"fsdp": (True, False), "deepspeed": (False,)}
 # A strategy of "steps" and the field giving its interval (a whole number, or below 1 a fraction of all steps).
 STEP_INTERVALS = {"logging_strategy": "logging_steps", "save_strategy": "save_steps", "eval_strategy": "eval_steps"}
 # Options the host supplies itself, so a factory may require them without the user passing them.
@@ -171,7 +176,24 @@ def read(path: str) -> dict[str, Any]:
         value = config.get(key)
         if base and isinstance(value, str) and value and not value.startswith("builtin:") and not os.path.isabs(value):
             config[key] = os.path.normpath(os.path.join(base, value))
+            _FROM_FILE[config[key]] = (value, base)
     return config
+
+
+# A path `read` resolved from a config file's directory -> (the path as written, that directory):
+# for the hint when the file is missing there but the same path exists from the current directory.
+_FROM_FILE: dict[str, tuple[str, str]] = {}
+
+
+def not_found(what: str, path: str) -> str:
+    """``{what} not found: {path}``, saying so when the path as written in a config file is found from here."""
+    written, base = _FROM_FILE.get(path, (None, ""))
+    if written is None or not os.path.exists(written):
+        return f"{what} not found: {path}"
+    return (
+        f"{what} not found: {path} (paths in a config file are read from its directory; "
+        f"for the {written} in the current directory write {os.path.relpath(written, base)})"
+    )
 
 
 def absolute_paths(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -243,9 +265,10 @@ def training_fields() -> dict[str, Any]:
 def typed(key: str, value: Any, word: str | None = None) -> Any:
     """A training value as its field's type reads what the user wrote.
 
-    YAML reads ``no`` as false and ``2e-5`` (no dot) as text: a text field given a boolean gets
-    ``word``, the word written (``save_strategy: no`` is "no"), and a number field given text
-    that reads as a number gets the number. Anything else is returned as it is, for `problems`.
+    YAML reads ``no`` as false and ``2e-5`` (no dot) as text: a field choosing among words given
+    a boolean gets ``word``, the word written (``save_strategy: no`` is "no"), and a number field
+    given text that reads as a number gets the number. Anything else is returned as it is, for
+    `problems` (``fsdp: false`` stays false).
     """
     field = training_fields().get(key)
     if field is None:
@@ -253,7 +276,10 @@ def typed(key: str, value: Any, word: str | None = None) -> Any:
     kinds = typing.get_args(field.type) if typing.get_origin(field.type) in (typing.Union, types.UnionType) else (field.type,)
     literal = {v for kind in kinds if typing.get_origin(kind) is typing.Literal for v in typing.get_args(kind)}
     text = any(kind is str or (isinstance(kind, type) and issubclass(kind, enum.Enum)) for kind in kinds)
-    if isinstance(value, bool) and bool not in kinds and value not in literal and text:
+    if isinstance(value, bool) and bool not in kinds and value not in literal and (literal or enum_values(field.type)):
+        # Only for a field choosing among words (then refused as written if it is none of them):
+        # free text keeps the boolean, as fsdp takes true/false and "false" would be an unknown
+        # fsdp option, a deepspeed config file named "false".
         return word or str(value).lower()
     if isinstance(value, str) and not text:
         for number in (float, int):
@@ -289,10 +315,14 @@ def effective(config: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def problems(config: Mapping[str, Any], registry: Registry, *, check_files: bool = True, weights: bool = True) -> list[str]:
+def problems(
+    config: Mapping[str, Any], registry: Registry, *, check_files: bool = True, weights: bool = True,
+    tokenizer_only: bool = False,
+) -> list[str]:
     """Every problem in an effective config, without loading a model.
 
     ``check_files``: the files named exist (and, with ``weights``, the model directory holds weights).
+    ``tokenizer_only``: ``model`` names a tokenizer directory (``--tokenizer``), read for nothing else.
     """
     found: list[str] = []
     training = config.get("training") or {}
@@ -315,10 +345,10 @@ def problems(config: Mapping[str, Any], registry: Registry, *, check_files: bool
         for key in ("data", "eval_data"):
             data = config.get(key) if isinstance(config.get(key), str) else None
             if data and not Path(data).is_file():
-                found.append(f"{key.replace('_', ' ')} file not found: {data}")
+                found.append(not_found(f"{key.replace('_', ' ')} file", data))
         model = config.get("model") if isinstance(config.get("model"), str) else None
         if model and not str(model).startswith("builtin:"):
-            found += model_problems(model, weights=weights)
+            found += path_problems(model, config, registry, weights=weights, tokenizer_only=tokenizer_only)
         output = config.get("output") if isinstance(config.get("output"), str) else None
         if output and Path(output).exists() and not Path(output).is_dir():
             found.append(f"output must be a directory, but {output} is a file")
@@ -371,18 +401,35 @@ def evaluates(config: Mapping[str, Any]) -> bool:
     return config.get("eval_data") is not None or config.get("eval_split") is not None
 
 
-# What `save_pretrained` writes (sharded or not); the loaders read nothing else.
-WEIGHT_FILES = ("pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+def path_problems(model: str, config: Mapping[str, Any], registry: Registry, *, weights: bool, tokenizer_only: bool) -> list[str]:
+    """The model path's problems: a checkpoint's layout only where the built-in loader reads it.
+
+    A third-party loader's model may be anything on disk (an adapter directory, a GGUF file).
+    """
+    if tokenizer_only:
+        return [] if Path(model).is_dir() else [not_found("tokenizer directory", model)]
+    if is_builtin(config, registry, "loader"):
+        return model_problems(model, weights=weights)
+    return [] if Path(model).exists() else [not_found("model", model)]
+
+
+def is_builtin(config: Mapping[str, Any], registry: Registry, stage: str) -> bool:
+    """Whether the stage's component is one of sftcore's own plugins (registry.yaml's); an unknown name counts as one."""
+    name = component(config, stage)[0]
+    if not isinstance(name, str) or name not in registry.names(stage):
+        return True  # reported as unknown; the model is checked as the default loader would read it
+    found = registry.get(stage, name)
+    return found.distribution == "sftcore" and found.plugin in load_catalogue().plugins
 
 
 def model_problems(model: str, *, weights: bool = True) -> list[str]:
-    """A model directory's problems, from its file names alone (nothing is loaded)."""
+    """A model directory's problems as the built-in loader reads it, from its file names alone (nothing is loaded)."""
     path = Path(model)
     if not path.is_dir():
-        return [f"model directory not found: {model}"]
+        return [not_found("model directory", model)]
     if not (path / "config.json").is_file():
         return [f"model directory {model} has no config.json: give a checkpoint saved with save_pretrained"]
-    if weights and not (any(path.glob("*.safetensors")) or any((path / name).is_file() for name in WEIGHT_FILES)):
+    if weights and not any(path.glob("*.safetensors")) and not any(is_weight_file(p.name) for p in path.iterdir()):
         return [f"model directory {model} has no weights (*.safetensors or pytorch_model.bin): give a checkpoint saved with save_pretrained"]
     return []
 
@@ -408,6 +455,8 @@ def value_problem(key: str, value: Any, field: Any) -> str | None:
     """What is wrong with one value for its field, on its own: type, choices, range."""
     default, hint = field.default, field.type
     choices = enum_values(hint)
+    if isinstance(value, bool) and value in BOOLEAN_TEXT.get(key, ()):
+        return None
     if isinstance(default, bool) and not isinstance(value, bool):
         return f"'{key}' must be true or false, got {value!r}"
     number = isinstance(default, (int, float)) and not isinstance(default, bool)
@@ -418,9 +467,12 @@ def value_problem(key: str, value: Any, field: Any) -> str | None:
     if isinstance(value, float) and not math.isfinite(value):
         return f"'{key}' must be a finite number, got {value!r}"
     if choices and value is not None and (not isinstance(value, str) or value not in choices):
-        close = difflib.get_close_matches(str(value), choices, n=1)
-        listed = f"Did you mean '{close[0]}'?" if close else f"One of: {', '.join(choices)}"
-        return f"'{key}' does not accept {value!r}. {listed}"
+        return _not_a_choice(key, value, choices)
+    if (item_choices := item_enum_values(hint)) and not choices:
+        # A list of choices, or them in one string: TrainingArguments splits "a b" as its command line does.
+        items = value.split() if isinstance(value, str) else value if isinstance(value, list) else []
+        if wrong := [item for item in items if not isinstance(item, str) or item not in item_choices]:
+            return _not_a_choice(key, wrong[0], item_choices)
     if key in NUMBER_RANGES and isinstance(value, (int, float)):
         low, low_ok, high, high_ok = NUMBER_RANGES[key]
         below = value < low or (value == low and not low_ok)
@@ -429,6 +481,12 @@ def value_problem(key: str, value: Any, field: Any) -> str | None:
             wanted = f"{'>=' if low_ok else '>'} {low}" + (f" and {'<=' if high_ok else '<'} {high}" if high is not None else "")
             return f"'{key}' must be {wanted}, got {value!r}"
     return None
+
+
+def _not_a_choice(key: str, value: Any, choices: list[str]) -> str:
+    close = difflib.get_close_matches(str(value), choices, n=1)
+    listed = f"Did you mean '{close[0]}'?" if close else f"One of: {', '.join(choices)}"
+    return f"'{key}' does not accept {value!r}. {listed}"
 
 
 def step_problems(training: Mapping[str, Any], fields: Mapping[str, Any]) -> list[str]:
@@ -466,6 +524,14 @@ def enum_values(hint: Any) -> list[str]:
     for arg in typing.get_args(hint) or (hint,):
         if isinstance(arg, type) and issubclass(arg, enum.Enum):
             return [str(member.value) for member in arg]
+    return []
+
+
+def item_enum_values(hint: Any) -> list[str]:
+    """The values of an Enum a field takes a list of (``str | list[DebugOption]``)."""
+    for arg in typing.get_args(hint):
+        if typing.get_origin(arg) is list and typing.get_args(arg) and (values := enum_values(typing.get_args(arg)[0])):
+            return values
     return []
 
 

@@ -8,6 +8,7 @@ saying how to convert it, or how to opt in.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import re
@@ -20,6 +21,15 @@ from sftcore.errors import SftError
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Trainer bookkeeping the model loader never reads (TrainingArguments, optimizer, RNG state).
 NOT_WEIGHTS = {"training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt"}
+# The weight files `save_pretrained` writes, whole or sharded (pickles with safe_serialization=False).
+WEIGHT_FILES = (
+    "model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json",
+    "pytorch_model.bin", "pytorch_model-*-of-*.bin", "pytorch_model.bin.index.json",
+)
+
+
+def is_weight_file(name: str) -> bool:
+    return any(fnmatch.fnmatch(name, pattern) for pattern in WEIGHT_FILES)
 
 
 def check_weights(path: str, allow_pickle: bool = False) -> None:

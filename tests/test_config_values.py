@@ -11,6 +11,7 @@ import yaml
 from cli_runs import ROWS, forbid_model_loading, sft, write_jsonl
 
 from sftcore import config as cfg
+from sftcore import hookimpl
 from sftcore.commands.run import config_from_cli
 
 # (flags of `sft run`, the same in a config file's training, the one problem both report)
@@ -94,7 +95,8 @@ def test_ranges_depend_on_the_other_fields():
 def test_values_are_typed_by_their_field_as_written():
     assert cfg.typed("save_strategy", False, "no") == "no"
     assert cfg.typed("save_strategy", False, "off") == "off", "the word written, refused as such"
-    assert cfg.typed("report_to", False) == "false"
+    assert cfg.typed("report_to", False) is False, "free text keeps a boolean, for the type check"
+    assert cfg.typed("fsdp", False, "false") is False, "TrainingArguments takes fsdp=False; 'false' is no fsdp option"
     assert cfg.typed("include_num_input_tokens_seen", False, "no") is False, "the field takes a bool"
     assert cfg.typed("learning_rate", "2e-5") == 2e-5
     assert cfg.typed("seed", "7") == 7
@@ -220,3 +222,105 @@ def test_a_config_that_is_not_utf8_is_named_in_one_line(monkeypatch, tmp_path, r
     for args in (("validate", config_file), ("run", "--config", config_file)):
         result = sft(monkeypatch, *args)
         assert (result.exit_code, result.stderr) == (2, message)
+
+
+@pytest.mark.parametrize("where", ["file", "--set"])
+def test_fsdp_and_deepspeed_false_stay_booleans_as_training_arguments_takes_them(monkeypatch, tmp_path, run_files, where):
+    from transformers import TrainingArguments
+
+    model, data = run_files
+    config_file = tmp_path / "run.yaml"
+    training = "{fsdp: false, deepspeed: false, save_strategy: no}"
+    config_file.write_text(f"model: {model}\ndata: {data}\n" + (f"training: {training}\n" if where == "file" else ""))
+    sets = ("fsdp=false", "deepspeed=false", "save_strategy=no") if where == "--set" else ()
+    values = config_from_cli(str(config_file), {}, sets)["training"]
+    assert (values["fsdp"], values["deepspeed"], values["save_strategy"]) == (False, False, "no")
+    assert cfg.training_problems(values) == []
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, **values)  # "false" was an unknown fsdp option
+    assert (args.fsdp, args.deepspeed, str(args.save_strategy.value)) == (False, False, "no")
+    if where == "file":
+        assert sft(monkeypatch, "validate", config_file).stdout == f"{config_file}: OK\n"
+
+
+def test_a_boolean_is_refused_where_training_arguments_would_read_it_as_a_path(monkeypatch, tmp_path, run_files):
+    model, data = run_files
+    config_file = tmp_path / "run.yaml"
+    # TrainingArguments opens a false accelerator_config as file descriptor 0; true is no deepspeed config either.
+    config_file.write_text(f"model: {model}\ndata: {data}\ntraining: {{accelerator_config: false, deepspeed: true}}\n")
+    result = sft(monkeypatch, "validate", config_file)
+    assert (result.exit_code, result.stderr) == (2, (
+        f"{config_file}: 2 problems\n"
+        "  - training: 'accelerator_config' must be dict | str | None, got False\n"
+        "  - training: 'deepspeed' must be dict | str | None, got True\n"
+    ))
+
+
+@pytest.mark.parametrize(("debug", "problem"), [
+    ("[underflow_overflow]", None),
+    ("underflow_overflow tpu_metrics_debug", None),
+    ("[nonsense]", "training: 'debug' does not accept 'nonsense'. One of: underflow_overflow, tpu_metrics_debug"),
+    ("[underflow_overflow, underflow_overflw]", "training: 'debug' does not accept 'underflow_overflw'. Did you mean 'underflow_overflow'?"),
+    ("nonsense", "training: 'debug' does not accept 'nonsense'. One of: underflow_overflow, tpu_metrics_debug"),
+])
+def test_a_list_of_choices_is_checked_item_by_item(monkeypatch, tmp_path, run_files, debug, problem):
+    model, data = run_files
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(f"model: {model}\ndata: {data}\ntraining:\n  debug: {debug}\n")
+    result = sft(monkeypatch, "validate", config_file)
+    if problem is None:
+        assert (result.exit_code, result.stdout) == (0, f"{config_file}: OK\n"), result.stderr
+    else:
+        assert (result.exit_code, result.stderr) == (2, f"{config_file}: 1 problem\n  - {problem}\n")
+
+
+def test_a_config_files_path_found_only_from_the_current_directory_says_so(monkeypatch, tmp_path, run_files):
+    _model, _data = run_files  # train.jsonl in the current directory
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "run.yaml").write_text("model: builtin:tiny-llama\ndata: train.jsonl\n")
+    result = sft(monkeypatch, "validate", "conf/run.yaml")
+    assert (result.exit_code, result.stderr) == (2, (
+        "conf/run.yaml: 1 problem\n  - data file not found: conf/train.jsonl (paths in a config file are read from "
+        "its directory; for the train.jsonl in the current directory write ../train.jsonl)\n"
+    ))
+    (conf / "run.yaml").write_text("model: builtin:tiny-llama\ndata: elsewhere.jsonl\n")
+    assert sft(monkeypatch, "validate", "conf/run.yaml").stderr.splitlines()[-1] == (
+        "  - data file not found: conf/elsewhere.jsonl"
+    ), "no hint where the current directory has no such file either"
+
+
+def test_preview_reads_a_tokenizer_only_directory(monkeypatch, tmp_path):
+    from sftcore.assets import TINY_LLAMA
+
+    monkeypatch.chdir(tmp_path)
+    tokenizer = tmp_path / "tok"
+    shutil.copytree(TINY_LLAMA, tokenizer, ignore=shutil.ignore_patterns("config.json"))
+    data = write_jsonl(tmp_path / "train.jsonl", ROWS[:1])
+    result = sft(monkeypatch, "preview", "--tokenizer", tokenizer, "--data", data, "--json")
+    assert result.exit_code == 0, result.output
+    assert [yaml.safe_load(line)["response"] for line in result.stdout.splitlines()] == [ROWS[0]["output"]]
+    missing = sft(monkeypatch, "preview", "--tokenizer", tmp_path / "nothing", "--data", data)
+    assert (missing.exit_code, missing.stderr) == (2, f"Error: tokenizer directory not found: {tmp_path / 'nothing'}\n")
+
+
+class FileLoader:
+    """A third-party loader whose model is one file (as a GGUF is), not a save_pretrained directory."""
+
+    @hookimpl
+    def register_model_loaders(self, register):
+        register("gguf", lambda: None, description="one model file")
+
+
+def test_only_the_builtin_loader_needs_a_checkpoint_directory(monkeypatch, tmp_path, run_files):
+    _model, data = run_files
+    weights = tmp_path / "model.gguf"
+    weights.write_bytes(b"GGUF")
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(f"model: {weights}\ndata: {data}\nloader: gguf\n")
+    assert sft(monkeypatch, "validate", config_file, extra={"gguf": FileLoader()}).stdout == f"{config_file}: OK\n"
+    config_file.write_text(f"model: {tmp_path / 'missing.gguf'}\ndata: {data}\nloader: gguf\n")
+    result = sft(monkeypatch, "validate", config_file, extra={"gguf": FileLoader()})
+    assert result.stderr == f"{config_file}: 1 problem\n  - model not found: {tmp_path / 'missing.gguf'}\n"
+    config_file.write_text(f"model: {weights}\ndata: {data}\n")
+    result = sft(monkeypatch, "validate", config_file, extra={"gguf": FileLoader()})
+    assert result.stderr == f"{config_file}: 1 problem\n  - model directory not found: {weights}\n", "flash reads a directory"

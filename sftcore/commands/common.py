@@ -88,7 +88,8 @@ def data_config(ctx: click.Context, config_file: str | None, tokenizer_path: str
     for key in ("training", *cfg.FLAG_TO_TRAINING):  # a flag's name beside its field is the run's to report
         config.pop(key, None)
     host = host_from(ctx)
-    found = cfg.problems(config, host.registry, weights=False)  # the model's tokenizer and config are all it reads
+    # The model's tokenizer and config are all it reads; a --tokenizer directory has the tokenizer only.
+    found = cfg.problems(config, host.registry, weights=False, tokenizer_only=bool(tokenizer_path))
     if found:
         raise UsageError("; ".join(found))
     return host, config
