@@ -45,6 +45,7 @@ from typing import Any
 from sftcore import config as cfg
 from sftcore.errors import SftError, UsageError
 from sftcore.train import CONFIG_FILE, SUMMARY_FILE
+from sftcore.weights import WEIGHT_FILES
 
 log = logging.getLogger("sftcore.run")
 
@@ -53,9 +54,6 @@ LOCK_FILE = ".sft-lock"  # held (flock) by the main process of the run writing t
 DATA_FILE = "sft_data.json"  # the sha256 of each data file the run trains and evaluates on
 # The run's own records, removed by --overwrite with its checkpoints and final model.
 RUN_RECORDS = (CONFIG_FILE, DATA_FILE, "loss.csv", "eval_loss.csv", "loss.png", "trainer_state.json")
-# The final weights as the Trainer names them: --overwrite removes them even when no summary
-# lists them (a run stopped while saving them), as a reader would take them for the new run's.
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors")
 # What the Trainer and sftcore write into a checkpoint: an unmarked checkpoint-N (a save killed
 # part way) holding anything else is not sftcore's, and --overwrite leaves it.
 CHECKPOINT_FILES = (
