@@ -355,8 +355,9 @@ def check_output(
 ) -> Path | None:
     """Apply the output rules (module docstring); return the checkpoint to resume from, if any.
 
-    ``remove=False`` (a process other than the main one) only checks, leaving removal to the main
-    one; ``verify=False`` leaves hashing the checkpoint's files to it too (`damage`).
+    ``remove=False`` only checks (`refuse_early`); ``verify=False`` checks checkpoints' file
+    names and sizes without reading them (`damage`). Only the main process of a run calls it
+    (`sftcore.distributed.decided`): the others never look at a directory it may be clearing.
     """
     if resume and overwrite:
         raise UsageError("--resume continues the run in the output directory, --overwrite replaces it: pass one of them")

@@ -60,11 +60,10 @@ def decided(decide: Callable[[], Any]) -> Any:
     say). When ``decide`` raises, the main process raises it and the others raise its one line
     silently (`SftError.same_in_every_process`), so that none waits for a value that never comes.
     """
+    if _group() is None:  # alone: this process is the main one
+        return decide()
     if not is_main_process():
-        outcome = agreed(None)
-        if outcome is None:
-            return None
-        value, failure = outcome
+        value, failure = agreed(None)
         if failure is not None:
             raise _Failed(*failure)
         return value

@@ -141,12 +141,11 @@ def run(
     started = time.perf_counter()
     progress = progress and distributed.is_main_process()  # one set of bars, not one per process
     # TrainingArguments first: under a launcher it sets up the processes, with the user's ddp_* settings.
-    main = distributed.is_main_process()
     named = config.get("output")
     args = training_arguments(config, named or default_output(config))
-    # Made only now, so that settings TrainingArguments refuses leave no directory behind.
-    made = default_output(config, create=True) if main and not named else args.output_dir
-    output = Path(distributed.agreed(made))  # each process would stamp its own default name
+    # Made only now, so that settings TrainingArguments refuses leave no directory behind; by the
+    # main process, whose name every process takes (each would stamp its own).
+    output = Path(distributed.decided(lambda: named or default_output(config, create=True)))
     args.output_dir = config["output"] = str(output)
     log.info("output: %s", output)
     new = not named or not (output.exists() or output.is_symlink())  # a default name was made, empty, for this run

@@ -9,6 +9,12 @@ from sftcore import distributed
 from sftcore.errors import SftError, UsageError
 
 
+@pytest.fixture(autouse=True)
+def group(monkeypatch):
+    """A process group of several, as far as `decided` asks."""
+    monkeypatch.setattr(distributed, "_group", lambda: object())
+
+
 def test_the_others_take_the_main_process_decision_without_deciding(monkeypatch):
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setattr(distributed, "agreed", lambda value: ("out/checkpoint-4", None))
@@ -36,3 +42,9 @@ def test_the_main_process_sends_its_refusal_then_raises_it(monkeypatch):
         distributed.decided(refuse)
     assert distributed.decided(lambda: "out/checkpoint-2") == "out/checkpoint-2"
     assert sent == [(None, ("output out holds another run", 2)), ("out/checkpoint-2", None)]
+
+
+def test_a_process_alone_decides_for_itself(monkeypatch):
+    monkeypatch.setattr(distributed, "_group", lambda: None)
+    monkeypatch.setattr(distributed, "agreed", lambda value: pytest.fail("nobody to agree with"))
+    assert distributed.decided(lambda: "out") == "out"
