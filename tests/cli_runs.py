@@ -48,6 +48,17 @@ def sft(monkeypatch, *args: object, extra: dict | None = None) -> Result:
     return CliRunner().invoke(cli, [str(a) for a in args], prog_name="sft", catch_exceptions=False)
 
 
+# Two steps with a complete checkpoint after each: the run the output-directory tests work on.
+TWO_STEPS = ("--max-steps", "2", "--batch-size", "2", "--lr", "1e-3", "--set", "save_steps=1", "--no-progress")
+
+
+def run_two_steps(monkeypatch, model, data, output, *extra, load: bool = False) -> Result:
+    """`sft run` of `TWO_STEPS` into ``output``; unless ``load``, it must stop before any model loads."""
+    if not load:
+        forbid_model_loading(monkeypatch)
+    return sft(monkeypatch, "run", "--model", model, "--data", data, "--output", output, *TWO_STEPS, *extra)
+
+
 def forbid_model_loading(monkeypatch) -> None:
     """Make any model or tokenizer load through the built-in loader fail the test."""
     from sftcore_plugins.flash import FlashLoader

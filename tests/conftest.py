@@ -137,3 +137,26 @@ def install_isolated(tmp_path):
         return env
 
     return install
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """The six rows of cli_runs.ROWS as a JSON Lines file."""
+    from cli_runs import ROWS, write_jsonl
+
+    return write_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl", ROWS)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, tiny_model_dir, data):
+    """A finished `cli_runs.TWO_STEPS` run, with a complete checkpoint after each step."""
+    from cli_runs import run_two_steps
+
+    from sftcore.checkpoints import MARKER
+
+    output = tmp_path_factory.mktemp("finished") / "out"
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        result = run_two_steps(monkeypatch, tiny_model_dir, data, output, load=True)
+    assert result.exit_code == 0, result.output
+    assert (output / "checkpoint-2" / MARKER).is_file()
+    return output

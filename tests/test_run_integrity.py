@@ -20,7 +20,7 @@ import types
 
 import pytest
 from safetensors import SafetensorError
-from cli_runs import ROWS, forbid_model_loading, sft, write_jsonl
+from cli_runs import TWO_STEPS, forbid_model_loading, run_two_steps as run, sft
 
 from sftcore import cache, hookimpl
 from sftcore import config as cfg
@@ -28,22 +28,8 @@ from sftcore.checkpoints import DATA_FILE, LOCK_FILE, MARKER, check_output, dama
 from sftcore.errors import SftError
 from sftcore.train import SUMMARY_FILE, Summary, default_output, output_errors
 
-ARGS = ("--max-steps", "2", "--batch-size", "2", "--lr", "1e-3", "--set", "save_steps=1", "--no-progress")
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return write_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl", ROWS)
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory, tiny_model_dir, data):
-    """A finished two-step run with a complete checkpoint after each step."""
-    output = tmp_path_factory.mktemp("finished") / "out"
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        result = sft(monkeypatch, "run", "--model", tiny_model_dir, "--data", data, "--output", output, *ARGS)
-    assert result.exit_code == 0, result.output
-    return output
 
 
 @pytest.fixture
@@ -54,11 +40,6 @@ def stopped(tmp_path, finished):
     (output / SUMMARY_FILE).unlink()
     return output
 
-
-def run(monkeypatch, model, data, output, *extra, load=False):
-    if not load:
-        forbid_model_loading(monkeypatch)
-    return sft(monkeypatch, "run", "--model", model, "--data", data, "--output", output, *ARGS, *extra)
 
 
 def listing(directory):
@@ -128,7 +109,7 @@ def test_overwrite_removes_the_old_final_model_before_the_new_run_trains(monkeyp
     assert {"model.safetensors", "config.json", "tokenizer.json"} <= set(written)
 
     result = sft(
-        monkeypatch, "run", "--model", tiny_model_dir, "--data", data, "--output", output, *ARGS, "--overwrite",
+        monkeypatch, "run", "--model", tiny_model_dir, "--data", data, "--output", output, *TWO_STEPS, "--overwrite",
         "--seed", "5", "--set", "save_steps=100", extra={"killed": KilledAtStep(1)},
     )
     assert result.exit_code == 130, result.output
