@@ -30,7 +30,6 @@ Each component owns its options; this module only routes them by name.
 from __future__ import annotations
 
 import copy
-import difflib
 import enum
 import functools
 import math
@@ -45,7 +44,7 @@ import yaml
 
 from sftcore.catalogue import load_catalogue
 from sftcore.errors import UsageError
-from sftcore.registry import STAGES, Registry, _accepts, _describe, option_problems, unknown_message
+from sftcore.registry import STAGES, Registry, _accepts, _describe, did_you_mean, option_problems, unknown_message
 from sftcore.weights import is_weight_file
 
 TOP_KEYS = {
@@ -332,8 +331,7 @@ def problems(
             both = isinstance(training, Mapping) and field in training
             found.append(f"give {key} or training.{field}, not both" if both else f"{key} belongs in training, as {field}")
         elif key not in TOP_KEYS:
-            close = difflib.get_close_matches(str(key), sorted(TOP_KEYS | FLAG_TO_TRAINING.keys()), n=1)
-            hint = f" Did you mean '{close[0]}'?" if close else ""
+            hint = did_you_mean(key, sorted(TOP_KEYS | FLAG_TO_TRAINING.keys()))
             found.append(f"unknown key '{key}'.{hint}")
     if bool(config.get("model")) != bool(config.get("data")):
         found.append("give both --model and --data (or neither, to train the bundled demo)")
@@ -439,8 +437,7 @@ def training_problems(training: Mapping[str, Any]) -> list[str]:
     found, valid = [], {}
     for key, value in training.items():
         if key not in fields:
-            close = difflib.get_close_matches(key, sorted(fields), n=1)
-            hint = f" Did you mean '{close[0]}'?" if close else ""
+            hint = did_you_mean(key, sorted(fields))
             found.append(f"training: '{key}' is not a TrainingArguments field.{hint}")
         elif key in HOST_TRAINING:
             found.append(f"training: '{key}' is set by sftcore: {HOST_TRAINING[key]}")
@@ -484,9 +481,8 @@ def value_problem(key: str, value: Any, field: Any) -> str | None:
 
 
 def _not_a_choice(key: str, value: Any, choices: list[str]) -> str:
-    close = difflib.get_close_matches(str(value), choices, n=1)
-    listed = f"Did you mean '{close[0]}'?" if close else f"One of: {', '.join(choices)}"
-    return f"'{key}' does not accept {value!r}. {listed}"
+    listed = did_you_mean(value, choices) or f" One of: {', '.join(choices)}"
+    return f"'{key}' does not accept {value!r}.{listed}"
 
 
 def step_problems(training: Mapping[str, Any], fields: Mapping[str, Any]) -> list[str]:

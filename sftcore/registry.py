@@ -90,13 +90,15 @@ class Registry:
         return component.factory(**dict(options or {}))
 
 
+def did_you_mean(word: object, choices: Iterable[str]) -> str:
+    """`` Did you mean 'x'?`` for the closest of ``choices`` to a mistyped ``word``, or "" when none is close."""
+    close = difflib.get_close_matches(str(word), list(choices), n=1)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
 def unknown_message(stage: str, name: str, available: list[str]) -> str:
-    message = f"Unknown {stage} '{name}'."
-    close = difflib.get_close_matches(name, available, n=1, cutoff=0.6)
-    if close:
-        message += f" Did you mean '{close[0]}'?"
-    message += f" Available: {', '.join(available) if available else '(none)'}"
-    return message
+    listed = ", ".join(available) if available else "(none)"
+    return f"Unknown {stage} '{name}'.{did_you_mean(name, available)} Available: {listed}"
 
 
 _SIMPLE = (bool, int, float, str)

@@ -16,7 +16,7 @@ from sftcore import manager as manager_module
 from sftcore.catalogue import load_catalogue
 from sftcore.errors import PluginError, UnknownComponentError, UsageError
 from sftcore.manager import load_host
-from sftcore.registry import Component, Registry, option_problems, unknown_message
+from sftcore.registry import Component, Registry, did_you_mean, option_problems, unknown_message
 
 
 class Templates:
@@ -321,6 +321,13 @@ def test_unknown_message_with_more_names():
         == "Unknown collator 'packd'. Did you mean 'packed'? Available: pad, packed"
     )
     assert unknown_message("loader", "flash", []) == "Unknown loader 'flash'. Available: (none)"
+
+
+def test_did_you_mean_is_one_sentence_or_nothing():
+    # Every "unknown name" message (components, config keys, TrainingArguments fields and choices) uses it.
+    assert did_you_mean("epoch", ["epochs", "data"]) == " Did you mean 'epochs'?"
+    assert did_you_mean(3, ["3e"]) == " Did you mean '3e'?"
+    assert did_you_mean("zzz", ["pad", "packed"]) == ""
 
 
 def test_option_problems_reports_every_problem(builtin_host):
