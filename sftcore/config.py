@@ -299,10 +299,10 @@ def effective(config: Mapping[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(dict(config))
     demo = is_demo(out)
     if demo:
-        from sftcore.assets import DEMO_DATA
+        from sftcore.assets import BUILTIN_MODEL, DEMO_DATA
 
         out["data"] = str(DEMO_DATA)
-        out["model"] = "builtin:tiny-llama"
+        out["model"] = BUILTIN_MODEL
     training = out.get("training") or {}
     if isinstance(training, Mapping):  # anything else stays as written, for `problems` to report
         out["training"] = {**TRAINING_DEFAULTS, **(DEMO_TRAINING if demo else {}), **training}

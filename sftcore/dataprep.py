@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from sftcore.assets import BUILTIN_MODEL
 from sftcore.boundary import building, checked
 from sftcore.errors import SftError
 from sftcore.manager import Host
@@ -44,9 +45,6 @@ def build_stage(host: Host, config: Mapping[str, Any], stage: str, **host_option
     except (TypeError, ValueError) as exc:
         raise SftError(f"{stage} '{name}' rejected its options: {exc}") from None
     return checked(host.registry.get(stage, name), built)  # every call's answer checked at the boundary
-
-
-BUILTIN_MODEL = "builtin:tiny-llama"
 
 
 def model_path(config: Mapping[str, Any]) -> str:

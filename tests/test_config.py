@@ -173,3 +173,12 @@ def test_validate_accepts_the_demo_and_rejects_broken_yaml(monkeypatch, tmp_path
     result = sft(monkeypatch, "validate", broken)
     assert result.exit_code == 2
     assert result.stderr == f"Error: {broken}, line 2, column 1: invalid YAML: expected ',' or ']', but got '<stream end>'\n"
+
+
+def test_the_demo_names_the_model_the_run_builds():
+    from sftcore import dataprep
+    from sftcore.assets import BUILTIN_MODEL, TINY_LLAMA
+
+    demo = cfg.effective({})
+    assert demo["model"] == BUILTIN_MODEL == dataprep.BUILTIN_MODEL
+    assert dataprep.tokenizer_source(demo) == str(TINY_LLAMA), "the built-in tokenizer, no weights made"

@@ -15,6 +15,8 @@ from pathlib import Path
 ASSETS = Path(str(resources.files("sftcore.assets")))
 DEMO_DATA = ASSETS / "demo.jsonl"
 TINY_LLAMA = ASSETS / "tiny-llama"
+# What `model` names for the tiny model above: the demo run's model, and one any config may name.
+BUILTIN_MODEL = "builtin:tiny-llama"
 
 
 def cache_dir() -> Path:
