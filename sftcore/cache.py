@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from sftcore import IGNORE_INDEX, __version__
-from sftcore.pipeline import Prepared
+from sftcore.pipeline import ROW_POLICIES, Prepared, row_policy
 
 log = logging.getLogger("sftcore.cache")
 
@@ -225,8 +225,7 @@ def key_parts(host: Any, config: Mapping[str, Any], tokenizer_dir: str | os.Path
         "reader": reader,
         **stages,
         "max_length": config.get("max_length"),
-        "on_bad_row": config.get("on_bad_row", "error"),
-        "on_duplicate": config.get("on_duplicate", "keep"),
+        **{key: row_policy(config, key) for key in ROW_POLICIES},
     }
 
 

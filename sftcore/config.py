@@ -44,6 +44,7 @@ import yaml
 
 from sftcore.catalogue import load_catalogue
 from sftcore.errors import UsageError
+from sftcore.pipeline import ROW_POLICIES, row_policy
 from sftcore.registry import STAGES, Registry, _accepts, _describe, did_you_mean, option_problems, unknown_message
 from sftcore.weights import is_weight_file
 
@@ -306,8 +307,8 @@ def effective(config: Mapping[str, Any]) -> dict[str, Any]:
     training = out.get("training") or {}
     if isinstance(training, Mapping):  # anything else stays as written, for `problems` to report
         out["training"] = {**TRAINING_DEFAULTS, **(DEMO_TRAINING if demo else {}), **training}
-    out.setdefault("on_bad_row", "error")
-    out.setdefault("on_duplicate", "keep")
+    for key, allowed in ROW_POLICIES.items():
+        out.setdefault(key, allowed[0])
     for stage in STAGES:
         name, options = component(out, stage)
         out[stage] = {"name": name, "options": options} if name else None
@@ -356,10 +357,10 @@ def problems(
     cache_dir = config.get("cache_dir")
     if cache_dir is not None and cache_dir is not False and not isinstance(cache_dir, str):
         found.append(f"cache_dir must be a directory or false (no cache), got {cache_dir!r}")
-    if config.get("on_bad_row", "error") not in ("error", "skip"):
-        found.append(f"on_bad_row must be 'error' or 'skip', got {config.get('on_bad_row')!r}")
-    if config.get("on_duplicate", "keep") not in ("keep", "skip", "error"):
-        found.append(f"on_duplicate must be 'keep', 'skip' or 'error', got {config.get('on_duplicate')!r}")
+    for key, allowed in ROW_POLICIES.items():
+        if row_policy(config, key) not in allowed:
+            words = [f"'{word}'" for word in allowed]
+            found.append(f"{key} must be {', '.join(words[:-1])} or {words[-1]}, got {config.get(key)!r}")
     for stage in STAGES:
         value = config.get(stage)
         if value is None:

@@ -19,7 +19,7 @@ from sftcore.assets import BUILTIN_MODEL
 from sftcore.boundary import building, checked
 from sftcore.errors import SftError
 from sftcore.manager import Host
-from sftcore.pipeline import Formatted, Prepared, format_rows, mask_rows, pick_reader, read_rows
+from sftcore.pipeline import Formatted, Prepared, format_rows, mask_rows, pick_reader, read_rows, row_policy
 
 log = logging.getLogger("sftcore.run")
 
@@ -154,7 +154,7 @@ def format_data(
     rows = tqdm(rows, desc="reading", unit="rows", disable=not progress, leave=False, mininterval=0.5)
     template = build_stage(host, config, "template")
     items = format_rows(
-        template, rows, config["data"], config.get("on_bad_row", "error"), prepared, config.get("on_duplicate", "keep")
+        template, rows, config["data"], row_policy(config, "on_bad_row"), prepared, row_policy(config, "on_duplicate")
     )
     return items, prepared
 

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from sftcore import IGNORE_INDEX
 from sftcore.boundary import advice, building, checked, component_origin, exception_text, fix_or_disable, kind, origin_of
@@ -22,6 +22,8 @@ from sftcore.registry import Registry, option_problems
 
 OnBadRow = Literal["error", "skip"]
 OnDuplicate = Literal["keep", "skip", "error"]
+# What a config, a flag or the cache key may say about bad and repeated rows; the first word is the default.
+ROW_POLICIES: dict[str, tuple[str, ...]] = {"on_bad_row": get_args(OnBadRow), "on_duplicate": get_args(OnDuplicate)}
 MASK_BATCH = 1024
 
 
@@ -55,6 +57,11 @@ class Prepared:
         if counted is not None:
             return counted
         return sum(sum(1 for label in r["labels"] if label != IGNORE_INDEX) for r in self.rows)
+
+
+def row_policy(config: Mapping[str, Any], key: str) -> Any:
+    """The config's ``on_bad_row`` or ``on_duplicate``, or its default."""
+    return config.get(key, ROW_POLICIES[key][0])
 
 
 def pick_reader(registry: Registry, path: str, name: str | None = None) -> Any:
@@ -170,7 +177,7 @@ def format_rows(
     path: str,
     on_bad_row: OnBadRow,
     prepared: Prepared,
-    on_duplicate: OnDuplicate = "keep",
+    on_duplicate: OnDuplicate = ROW_POLICIES["on_duplicate"][0],
 ) -> list[Formatted]:
     """Apply the template; a bad row stops the run (``error``) or is counted and left out (``skip``).
 

@@ -102,3 +102,14 @@ def test_any_config_is_ok_or_problems_never_a_traceback(monkeypatch, tmp_path, c
     assert result.exit_code in (0, 2), result.output
     if result.exit_code == 2:
         assert result.stderr.startswith(f"{tmp_path / 'run.yaml'}: ") or result.stderr.startswith("Error: ")
+
+
+@pytest.mark.parametrize("key", ["on_bad_row", "on_duplicate"])
+def test_row_policy_flags_defaults_and_checks_agree(key):
+    from sftcore.commands.run import command as run
+    from sftcore.config import effective
+    from sftcore.pipeline import ROW_POLICIES
+
+    flag = next(p for p in run.params if p.name == key)
+    assert tuple(flag.type.choices) == ROW_POLICIES[key]
+    assert effective({})[key] == ROW_POLICIES[key][0] == {"on_bad_row": "error", "on_duplicate": "keep"}[key]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from sftcore.manager import Host, load_host
+from sftcore.pipeline import ROW_POLICIES
 from sftcore.registry import STAGES
 
 
@@ -22,7 +23,7 @@ def host_from(ctx: click.Context) -> Host:
 # Shared by run, preview and prepare: duplicates change which rows are trained on.
 on_duplicate_option = click.option(
     "--on-duplicate",
-    type=click.Choice(["keep", "skip", "error"]),
+    type=click.Choice(ROW_POLICIES["on_duplicate"]),
     help="A row with the same prompt and response as an earlier one: keep it (default), skip it, or stop.",
 )
 
@@ -41,7 +42,7 @@ max_length_option = click.option(
     "--max-length", type=int, help="Maximum tokens per example (default: the model's, capped at 2048)."
 )
 on_bad_row_option = click.option(
-    "--on-bad-row", type=click.Choice(["error", "skip"]), help="Stop at a bad data row, or skip and count it."
+    "--on-bad-row", type=click.Choice(ROW_POLICIES["on_bad_row"]), help="Stop at a bad data row, or skip and count it."
 )
 cache_dir_option = click.option(
     "--cache-dir",
