@@ -182,3 +182,10 @@ def test_the_demo_names_the_model_the_run_builds():
     demo = cfg.effective({})
     assert demo["model"] == BUILTIN_MODEL == dataprep.BUILTIN_MODEL
     assert dataprep.tokenizer_source(demo) == str(TINY_LLAMA), "the built-in tokenizer, no weights made"
+
+
+def test_commands_lay_flags_over_the_config_one_way():
+    from sftcore.commands import common, run
+
+    assert config_from_cli is common.config_from_cli is run.config_from_cli
+    assert config_from_cli.__module__ == "sftcore.commands.common", "preview, prepare and validate need not import run"

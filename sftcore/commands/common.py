@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import click
 
 from sftcore.manager import Host, load_host
@@ -73,6 +75,28 @@ def data_options(config_help: str):
     return decorate
 
 
+def config_from_cli(config_file: str | None, values: dict, sets: tuple[str, ...]) -> dict:
+    """The YAML config (if any, see `sftcore.config.read`) with command-line flags laid over it."""
+    from sftcore import config as cfg
+
+    config = cfg.read(config_file) if config_file else {}
+    for key in ("model", "data", "eval_data", "eval_split", "output", "max_length", "on_bad_row", "on_duplicate", "cache_dir"):
+        if values.get(key) is not None:
+            config[key] = values[key]
+    for stage in STAGES:
+        options = cfg.parse_assignments(values.get(f"{stage}_opts") or (), f"--{stage}-opt")
+        cfg.set_component(config, stage, values.get(f"{stage}_name"), options)
+    overrides = {field: values[flag] for flag, field in cfg.FLAG_TO_TRAINING.items() if values.get(flag) is not None}
+    overrides.update(cfg.training_assignments(sets))
+    training = config.get("training")
+    if overrides and (training is None or isinstance(training, Mapping)):  # else left for `problems` to report
+        config["training"] = {**(training or {}), **overrides}
+        for flag, field in cfg.FLAG_TO_TRAINING.items():
+            if field in overrides:  # a flag overrides the file's value under either name
+                config.pop(flag, None)
+    return config
+
+
 def data_config(ctx: click.Context, config_file: str | None, tokenizer_path: str | None, values: dict) -> tuple[Host, dict]:
     """The host and the effective config of a command that prepares data but does not train.
 
@@ -80,7 +104,6 @@ def data_config(ctx: click.Context, config_file: str | None, tokenizer_path: str
     what is left stops the command before anything loads.
     """
     from sftcore import config as cfg
-    from sftcore.commands.run import config_from_cli
     from sftcore.errors import UsageError
 
     if tokenizer_path:

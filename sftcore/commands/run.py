@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 
 import click
 
@@ -11,33 +10,13 @@ from sftcore import config as cfg
 from sftcore import distributed
 from sftcore.commands.common import (
     cache_dir_option,
+    config_from_cli,
     host_from,
     max_length_option,
     on_bad_row_option,
     on_duplicate_option,
     stage_options,
 )
-from sftcore.registry import STAGES
-
-
-def config_from_cli(config_file: str | None, values: dict, sets: tuple[str, ...]) -> dict:
-    """The YAML config (if any, see `sftcore.config.read`) with command-line flags laid over it."""
-    config = cfg.read(config_file) if config_file else {}
-    for key in ("model", "data", "eval_data", "eval_split", "output", "max_length", "on_bad_row", "on_duplicate", "cache_dir"):
-        if values.get(key) is not None:
-            config[key] = values[key]
-    for stage in STAGES:
-        options = cfg.parse_assignments(values.get(f"{stage}_opts") or (), f"--{stage}-opt")
-        cfg.set_component(config, stage, values.get(f"{stage}_name"), options)
-    overrides = {field: values[flag] for flag, field in cfg.FLAG_TO_TRAINING.items() if values.get(flag) is not None}
-    overrides.update(cfg.training_assignments(sets))
-    training = config.get("training")
-    if overrides and (training is None or isinstance(training, Mapping)):  # else left for `problems` to report
-        config["training"] = {**(training or {}), **overrides}
-        for flag, field in cfg.FLAG_TO_TRAINING.items():
-            if field in overrides:  # a flag overrides the file's value under either name
-                config.pop(flag, None)
-    return config
 
 
 @click.command("run")

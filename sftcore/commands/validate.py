@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from sftcore import config as cfg
-from sftcore.commands.common import host_from
+from sftcore.commands.common import config_from_cli, host_from
 
 
 @click.command("validate")
@@ -13,8 +13,6 @@ from sftcore.commands.common import host_from
 @click.pass_context
 def command(ctx: click.Context, config_file: str) -> None:
     """Check a YAML run config: keys, component names and options, files, training fields."""
-    from sftcore.commands.run import config_from_cli
-
     effective = cfg.effective(config_from_cli(config_file, {}, ()))  # the file as `sft run --config` takes it
     found = cfg.problems(effective, host_from(ctx).registry)
     if not found:
