@@ -26,7 +26,7 @@ import pluggy
 import sftcore
 from sftcore import hookspecs
 from sftcore.boundary import (
-    PluginTimeout, exception_text, fix_or_disable, kind, plugin_code, plugin_label, plugin_timeout,
+    TIMEOUT_VARIABLE, PluginTimeout, exception_text, fix_or_disable, kind, plugin_code, plugin_label, plugin_timeout,
 )
 from sftcore.catalogue import load_catalogue
 from sftcore.errors import PluginError
@@ -34,6 +34,8 @@ from sftcore.registry import STAGES, Component, Registry
 
 ENTRY_POINT_GROUP = "sft"
 TIMEOUT_HINT = "SFT_PLUGIN_TIMEOUT=SECONDS (0: no limit)"
+# Every environment variable that changes which plugins load and how: a hermetic test clears them all.
+PLUGIN_ENV = ("SFT_DISABLE_PLUGINS", "SFT_STRICT_PLUGINS", "SFT_TRACE_PLUGINS", TIMEOUT_VARIABLE)
 
 
 @dataclass(frozen=True)

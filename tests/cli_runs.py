@@ -19,13 +19,12 @@ from pathlib import Path
 from click.testing import CliRunner, Result
 
 from sftcore.cli import cli
-from sftcore.manager import load_host
+from sftcore.manager import PLUGIN_ENV, load_host
 
 SFT = str(Path(sys.executable).with_name("sft"))
 # In-process runs cache here, never in the user's ~/.cache/sftcore.
 CACHE = tempfile.mkdtemp(prefix="sft-test-cache-")
 atexit.register(shutil.rmtree, CACHE, ignore_errors=True)
-PLUGIN_ENV = ("SFT_DISABLE_PLUGINS", "SFT_STRICT_PLUGINS", "SFT_TRACE_PLUGINS")
 
 ROWS = [
     {"instruction": "Give the opposite of the word 'hot'.", "input": "", "output": "The opposite of 'hot' is 'cold'."},

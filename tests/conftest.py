@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from sftcore.manager import PLUGIN_ENV
+
 HERE = Path(__file__).resolve().parent
-PLUGIN_SWITCHES = ("SFT_DISABLE_PLUGINS", "SFT_STRICT_PLUGINS", "SFT_TRACE_PLUGINS")
 
 
 def _import_library(name: str):
@@ -55,14 +56,14 @@ def builtin_host(monkeypatch):
     """A host with sftcore's own plugins only, unaffected by the caller's SFT_* variables."""
     from sftcore.manager import load_host
 
-    for var in PLUGIN_SWITCHES:
+    for var in PLUGIN_ENV:
         monkeypatch.delenv(var, raising=False)
     return load_host(entry_points=False)
 
 
 @pytest.fixture
 def clean_plugin_env(monkeypatch):
-    for var in PLUGIN_SWITCHES:
+    for var in PLUGIN_ENV:
         monkeypatch.delenv(var, raising=False)
     return monkeypatch
 
@@ -132,7 +133,7 @@ def install_isolated(tmp_path):
             capture_output=True, text=True, timeout=300,
         )
         assert done.returncode == 0, done.stdout + done.stderr
-        env = {k: v for k, v in os.environ.items() if k not in PLUGIN_SWITCHES}
+        env = {k: v for k, v in os.environ.items() if k not in PLUGIN_ENV}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), env.get("PYTHONPATH")]))
         return env
 

@@ -239,3 +239,14 @@ def test_installed_plugin_distributions(installed_plugins):
     )
     assert quiet.returncode == 0 and "broken" not in quiet.stderr
     assert "broken" in json.loads(quiet.stdout)["blocked"]
+
+
+def test_in_process_runs_ignore_every_plugin_variable_of_the_caller(monkeypatch):
+    from cli_runs import sft
+
+    caller = {"SFT_DISABLE_PLUGINS": "pad", "SFT_STRICT_PLUGINS": "1", "SFT_TRACE_PLUGINS": "1", "SFT_PLUGIN_TIMEOUT": "soon"}
+    for var, value in caller.items():
+        monkeypatch.setenv(var, value)
+    result = sft(monkeypatch, "plugins", "--json")
+    assert (result.exit_code, result.stderr) == (0, ""), "no timeout error, no trace"
+    assert json.loads(result.stdout)["blocked"] == [], "pad is not blocked"
