@@ -152,7 +152,7 @@ class StopOnNonFinite(TrainerCallback):
     """
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        for key in ("loss",) if args.fp16 else ("loss", "grad_norm"):
+        for key in ("loss",) if fp16(args) else ("loss", "grad_norm"):
             value = (logs or {}).get(key)
             if isinstance(value, (int, float)) and not math.isfinite(value):
                 raise Diverged(diverged_message(args, state.global_step, key, value))
@@ -165,10 +165,16 @@ class StopOnNonFinite(TrainerCallback):
     on_epoch_end = on_step_end  # a save at the end of an epoch (save_strategy "epoch")
 
 
+def fp16(args: Any) -> bool:
+    """Whether the run trains in fp16 with a GradScaler: asked for (``fp16``), or set by the
+    launcher (``accelerate launch --mixed_precision fp16``), which leaves ``fp16`` False."""
+    return bool(args.fp16) or getattr(args, "mixed_precision", None) == "fp16"
+
+
 def diverged_message(args: Any, step: int, key: str, value: float) -> str:
     what = "loss" if key == "loss" else "gradient norm"
     hints = [f"a lower learning rate (--lr, now {args.learning_rate:g})"]
-    if args.fp16:
+    if fp16(args):
         hints.append("bf16 instead of fp16, whose range overflows (--set fp16=false --set bf16=true)")
     if not args.max_grad_norm:
         hints.append("gradient clipping (--set max_grad_norm=1.0)")

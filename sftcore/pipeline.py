@@ -88,7 +88,9 @@ def reader_for(registry: Registry, path: str) -> tuple[Any, Any]:
     one reader that cannot be built with no options (a required option, a failing factory)
     cannot stop the others from being found. Only a factory that declares no suffixes is
     built to learn its reader's (returned, so it is not built twice); those come after every
-    declared one, so a declared reader wins a suffix both claim.
+    declared one, so a declared reader wins a suffix both claim. (A ``suffixes`` property is not
+    a declaration: on the class it is a property object.) An undeclared one that cannot be built
+    bare is passed over, and named only when no reader matches.
     """
     suffix = Path(path).suffix.lower()
     readers = [c for c in registry.all() if c.stage == "reader"]
@@ -96,33 +98,40 @@ def reader_for(registry: Registry, path: str) -> tuple[Any, Any]:
     undeclared = []
     for component in readers:
         declared = getattr(component.factory, "suffixes", None)
-        if declared is None:
+        if not isinstance(declared, (tuple, list)):
             undeclared.append(component)
             continue
         suffixes = checked_suffixes(component, declared)
         if suffix in suffixes:
             return component, None
         known.update(suffixes)
+    unbuilt: list[str] = []
     for component in undeclared:
-        built = build_reader(registry, component, path)
+        try:
+            built = build_reader(registry, component, path, matched=False)
+        except SftError as exc:
+            unbuilt.append(f"{component.name} ({exc})")
+            continue
         suffixes = checked_suffixes(component, getattr(built, "suffixes", ()))
         if suffix in suffixes:
             return component, built
         known.update(suffixes)
+    passed_over = f"; readers not built without options: {'; '.join(unbuilt)}" if unbuilt else ""
     raise UsageError(
-        f"{path}: no reader for '{suffix or '(no suffix)'}' files; known: {', '.join(sorted(known))}; or pass --reader NAME"
+        f"{path}: no reader for '{suffix or '(no suffix)'}' files; known: {', '.join(sorted(known))}; "
+        f"or pass --reader NAME{passed_over}"
     )
 
 
-def build_reader(registry: Registry, component: Any, path: str) -> Any:
-    """A reader picked by suffix, built with no options; a factory that needs some or fails is
-    refused in one line naming it (and its plugin)."""
+def build_reader(registry: Registry, component: Any, path: str, *, matched: bool = True) -> Any:
+    """A reader built with no options: the one ``path``'s suffix picked (``matched``), or one built
+    to learn its suffixes; a factory that needs options or fails is refused in one line naming it."""
     problems = [p.removeprefix(f"reader '{component.name}' ") for p in option_problems(component, {})]
     if problems:
+        what = f"reads '{Path(path).suffix.lower()}' files but" if matched else "cannot be built without options:"
         raise UsageError(
-            f"{path}: the {component_origin(component)} reads '{Path(path).suffix.lower()}' files but "
-            f"{'; '.join(problems)}; name it with its options in the config "
-            f"(reader: {{name: {component.name}, options: {{...}}}})"
+            f"{path}: the {component_origin(component)} {what} {'; '.join(problems)}; name it with its "
+            f"options in the config (reader: {{name: {component.name}, options: {{...}}}})"
         )
     try:
         with building(component):

@@ -159,7 +159,7 @@ def run(
         with args.main_process_first(desc="preparing data"):
             data = prepare_data(host, config, progress=progress)
             held_out = eval_rows(host, config, data, progress)
-        with transformers_bars(progress), builtin_model_threads(config), output_errors(output):
+        with transformers_bars(progress), builtin_model_threads(config), output_errors(output, args.ddp_find_unused_parameters):
             return fit(host, config, data, args, started, progress, checkpoint, held_out)
 
 
@@ -179,9 +179,10 @@ UNUSED_PARAMETERS = "Expected to have finished reduction in the prior iteration 
 
 
 @contextmanager
-def output_errors(output: Path) -> Iterator[None]:
+def output_errors(output: Path, find_unused: bool | None = False) -> Iterator[None]:
     """An OSError while the run reads or writes its files as one line naming the file; so too a
-    failed write torch or safetensors reports otherwise, and DDP's unused parameters."""
+    failed write torch or safetensors reports otherwise, and DDP's unused parameters when DDP was
+    not told to look for them (``find_unused``; told, the same message means something else)."""
     from safetensors import SafetensorError
 
     try:
@@ -190,7 +191,7 @@ def output_errors(output: Path) -> Iterator[None]:
         where = exc.filename or output
         raise SftError(f"{where}: {one_line(exc)}{WRITE_HINTS.get(exc.errno, '')}") from None
     except (RuntimeError, SafetensorError) as exc:
-        if UNUSED_PARAMETERS in str(exc):
+        if UNUSED_PARAMETERS in str(exc) and not find_unused:
             raise SftError(
                 "DDP: some of the model's parameters took no part in the loss, and sftcore does not ask DDP to "
                 "look for such parameters by default; pass --set ddp_find_unused_parameters=true"

@@ -422,14 +422,14 @@ FEATURES = [{"input_ids": [5, 6, 7], "labels": [IGNORE_INDEX, 6, 7]}]
 
 
 class Registering:
-    """Registers ``factory`` as the component 'bad' of ``stage``."""
+    """Registers ``factory`` as the component ``name`` ('bad') of ``stage``."""
 
-    def __init__(self, stage: str, factory) -> None:
-        self.stage, self.factory = stage, factory
+    def __init__(self, stage: str, factory, name: str = "bad") -> None:
+        self.stage, self.factory, self.name = stage, factory, name
 
     def _register(self, stage, register):
         if stage == self.stage:
-            register("bad", self.factory)
+            register(self.name, self.factory)
 
     @hookimpl
     def register_templates(self, register):
@@ -685,6 +685,43 @@ def test_a_reader_picked_by_suffix_whose_factory_fails_is_its_plugins_error(clea
         "reader 'bad' of plugin 'csvp' ((local)): its factory raised RuntimeError: no csv module; "
         "fix the plugin or disable it with SFT_DISABLE_PLUGINS=csvp"
     )
+
+
+class SuffixProperty:
+    """A reader meeting the protocol with a property: its class declares nothing, so it is built to ask."""
+
+    @property
+    def suffixes(self):
+        return (".csv",)
+
+    def read(self, path):
+        return iter(())
+
+
+class NeedsSep:
+    """Declares no suffixes and cannot be built bare: passed over, named only if nothing matches."""
+
+    def __init__(self, sep: str) -> None:
+        self.suffixes = (".psv",)
+
+    def read(self, path):
+        return iter(())
+
+
+def test_readers_that_declare_no_suffixes_on_their_class_neither_stop_others_nor_are_lost(clean_plugin_env):
+    host = load_host(entry_points=False, extra={
+        "prop": Registering("reader", SuffixProperty, "prop"), "needy": Registering("reader", NeedsSep, "needy"),
+    })
+    from sftcore_plugins.readers import JsonLinesReader
+
+    assert isinstance(pick_reader(host.registry, "data.jsonl"), JsonLinesReader)
+    assert isinstance(pick_reader(host.registry, "data.csv"), SuffixProperty)
+    with pytest.raises(UsageError) as info:
+        pick_reader(host.registry, "data.tsv")
+    message = str(info.value)
+    assert message.startswith("data.tsv: no reader for '.tsv' files; known: .csv, ")
+    assert "readers not built without options: needy (data.tsv: the reader 'needy' of plugin 'needy' ((local)) " \
+        "cannot be built without options: needs option 'sep'" in message, message
 
 
 # --- a tokenizer without a pad token -----------------------------------------------------------

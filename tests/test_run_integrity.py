@@ -448,6 +448,9 @@ def test_an_fp16_step_the_scaler_skips_does_not_stop_the_run():
     without_fp16 = types.SimpleNamespace(fp16=False, learning_rate=1e-3, max_grad_norm=1.0)
     with pytest.raises(Diverged, match="^the training gradient norm became inf at step 3;"):
         StopOnNonFinite().on_log(without_fp16, state, TrainerControl(), logs={"loss": 2.5, "grad_norm": math.inf})
+    # accelerate launch --mixed_precision fp16 sets mixed_precision, not fp16: the scaler runs all the same
+    launched = types.SimpleNamespace(fp16=False, mixed_precision="fp16", learning_rate=1e-3, max_grad_norm=1.0)
+    StopOnNonFinite().on_log(launched, state, TrainerControl(), logs={"loss": 2.5, "grad_norm": math.inf})
 
 
 def test_a_step_that_saves_is_logged_so_a_nan_there_is_seen_before_the_checkpoint():
@@ -477,6 +480,9 @@ def test_ddp_unused_parameters_are_one_line_naming_the_setting(tmp_path):
         "DDP: some of the model's parameters took no part in the loss, and sftcore does not ask DDP to look for "
         "such parameters by default; pass --set ddp_find_unused_parameters=true"
     )
+    # Told to look already, DDP means outputs outside the loss: that advice would be wrong.
+    with pytest.raises(RuntimeError, match="^Expected to have finished reduction"), output_errors(tmp_path, True):
+        raise error
 
 
 def test_settings_training_arguments_refuses_are_one_line_and_leave_no_directory(monkeypatch, tmp_path):
