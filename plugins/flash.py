@@ -119,7 +119,6 @@ class FlashLoader:
                 trust_remote_code=opts["trust_remote_code"],
                 use_safetensors=None if opts["allow_pickle"] else True,
             )
-        refuse_foreign_tokenizer(embedding_rows(model), tokenizer, model_name_or_path)  # before a pad is added to it
         if tokenizer.pad_token_id is None:
             add_pad_token(tokenizer)
         fit_embeddings(model, tokenizer, model_name_or_path)

@@ -45,7 +45,7 @@ from typing import Any
 from sftcore import config as cfg
 from sftcore.errors import SftError, UsageError
 from sftcore.train import CONFIG_FILE, SUMMARY_FILE
-from sftcore.weights import WEIGHT_FILES
+from sftcore.weights import is_weight_file
 
 log = logging.getLogger("sftcore.run")
 
@@ -429,7 +429,7 @@ def clear(output: Path) -> None:
 
 def model_files(output: Path) -> list[str]:
     """The final model's files: those the run's summary lists, and any weights by their names."""
-    weights = [p.name for p in output.iterdir() if p.is_file() and any(fnmatch.fnmatch(p.name, w) for w in WEIGHT_FILES)]
+    weights = [p.name for p in output.iterdir() if p.is_file() and is_weight_file(p.name)]
     # Names only, inside output: a summary cannot point the removal elsewhere.
     return sorted({Path(name).name for name in _listed_model_files(output)} | set(weights))
 
