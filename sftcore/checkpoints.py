@@ -89,9 +89,17 @@ def write_marker(checkpoint: Path, step: int) -> None:
         for path in sorted(checkpoint.rglob("*"))
         if path.is_file() and path.name not in (MARKER, f"{MARKER}.tmp")
     }
-    temporary = checkpoint / f"{MARKER}.tmp"
-    temporary.write_text(json.dumps({"step": step, "files": files}, indent=1) + "\n", encoding="utf-8")
-    os.replace(temporary, checkpoint / MARKER)  # a kill leaves no half-written marker
+    write_whole(checkpoint / MARKER, json.dumps({"step": step, "files": files}, indent=1) + "\n")
+
+
+def write_whole(path: Path, text: str) -> None:
+    """Write ``path`` under ``<name>.tmp``, then rename it: a kill leaves the old file or none, never half of one.
+
+    For the files whose presence means something (a checkpoint's marker, a run's summary.json).
+    """
+    temporary = path.with_name(f"{path.name}.tmp")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
 
 
 def fingerprint(path: Path) -> dict[str, Any]:

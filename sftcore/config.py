@@ -34,7 +34,6 @@ import enum
 import functools
 import math
 import os
-import types
 import typing
 from collections.abc import Mapping
 from pathlib import Path
@@ -45,7 +44,7 @@ import yaml
 from sftcore.catalogue import load_catalogue
 from sftcore.errors import UsageError
 from sftcore.pipeline import ROW_POLICIES, row_policy
-from sftcore.registry import STAGES, Registry, _accepts, _describe, did_you_mean, option_problems, unknown_message
+from sftcore.registry import STAGES, Registry, _accepts, _describe, did_you_mean, option_problems, union_members, unknown_message
 from sftcore.weights import is_weight_file
 
 TOP_KEYS = {
@@ -273,7 +272,7 @@ def typed(key: str, value: Any, word: str | None = None) -> Any:
     field = training_fields().get(key)
     if field is None:
         return value
-    kinds = typing.get_args(field.type) if typing.get_origin(field.type) in (typing.Union, types.UnionType) else (field.type,)
+    kinds = union_members(field.type)
     literal = {v for kind in kinds if typing.get_origin(kind) is typing.Literal for v in typing.get_args(kind)}
     text = any(kind is str or (isinstance(kind, type) and issubclass(kind, enum.Enum)) for kind in kinds)
     if isinstance(value, bool) and bool not in kinds and value not in literal and (literal or enum_values(field.type)):
@@ -509,8 +508,7 @@ def step_problems(training: Mapping[str, Any], fields: Mapping[str, Any]) -> lis
 def _fits(value: Any, hint: Any) -> bool:
     """`_accepts`, with a list's items checked too: ``report_to: [[1]]`` is a list but no list[str]."""
     if isinstance(value, list):
-        union = typing.get_origin(hint) in (typing.Union, types.UnionType)
-        lists = [arg for arg in (typing.get_args(hint) if union else (hint,)) if typing.get_origin(arg) is list]
+        lists = [arg for arg in union_members(hint) if typing.get_origin(arg) is list]
         if lists:
             return any(all(_fits(item, (typing.get_args(arg) or (Any,))[0]) for item in value) for arg in lists)
     return _accepts(value, hint)

@@ -131,6 +131,11 @@ def _accepts(value: Any, hint: Any) -> bool:
     return True
 
 
+def union_members(hint: Any) -> tuple[Any, ...]:
+    """A type hint's alternatives (``str | None``: str, NoneType); a hint that is no union is its own."""
+    return typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+
+
 def _describe(hint: Any) -> str:
     """A type hint as a user reads it; a Literal lists its values (not just "Literal")."""
     origin = typing.get_origin(hint)

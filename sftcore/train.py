@@ -296,9 +296,9 @@ def fit(
 
 def write_summary(output: Path, summary: Summary) -> None:
     """summary.json, whole or not at all: it is written last and marks the run finished (`sft generate` checks it)."""
-    temporary = output / f".{SUMMARY_FILE}.tmp"
-    temporary.write_text(json.dumps(asdict(summary), indent=2) + "\n")
-    os.replace(temporary, output / SUMMARY_FILE)
+    from sftcore.checkpoints import write_whole
+
+    write_whole(output / SUMMARY_FILE, json.dumps(asdict(summary), indent=2) + "\n")
 
 
 def file_stamps(directory: Path) -> dict[str, tuple[int, int]]:
