@@ -149,7 +149,7 @@ def main() -> None:
     from sftcore import config as cfg
     from sftcore.assets import TINY_LLAMA
     from sftcore.manager import load_host
-    from sftcore.dataprep import prepare_data
+    from sftcore.data.prepare import prepare_data
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

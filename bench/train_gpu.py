@@ -136,7 +136,7 @@ def variant_sftcore(args, rows, tok_dir, shape, output):
     from sftcore import config as cfg
     from sftcore.manager import load_host
     from sftcore.stats import BatchCounter
-    from sftcore.dataprep import prepare_data
+    from sftcore.data.prepare import prepare_data
     from sftcore.trainer import trainer_class
     from sftcore_plugins.packed import PackedCollator
 
@@ -214,7 +214,7 @@ def loss_agreement(args, rows, tok_dir, shape, root) -> dict:
 
     from sftcore import config as cfg
     from sftcore.manager import load_host
-    from sftcore.dataprep import prepare_data
+    from sftcore.data.prepare import prepare_data
     from sftcore_plugins.packed import PackedCollator
     from sftcore_plugins.pad import PadCollator
 

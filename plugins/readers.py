@@ -5,7 +5,7 @@ A bad row is yielded as a `DataError` in place of the row, so a skip policy can 
 file raises (after the rows before the fault, which a caller must not act on before the file
 is read to its end, as `sft run` does not). Neither reader holds the file in memory: JSON
 Lines is read a line at a time, a JSON array an element at a time from blocks of text
-(`sftcore.jsonstream`; only an array wrapped in an object, ``{"train": [...]}``, is parsed whole).
+(`sftcore.data.jsonstream`; only an array wrapped in an object, ``{"train": [...]}``, is parsed whole).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 
 from sftcore import hookimpl
 from sftcore.errors import DataError
-from sftcore.jsonstream import NOT_AN_ARRAY, array_elements, not_utf8
+from sftcore.data.jsonstream import NOT_AN_ARRAY, array_elements, not_utf8
 
 # A JSON escape that may decode to half a UTF-16 surrogate pair; only then are strings checked.
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")

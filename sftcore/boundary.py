@@ -232,7 +232,7 @@ class CheckedTemplate(Checked):
 
 
 class CheckedMasker(Checked):
-    """Output is checked by the host, per row (`sftcore.pipeline.check_masked`): it knows the row."""
+    """Output is checked by the host, per row (`sftcore.data.pipeline.check_masked`): it knows the row."""
 
     def __call__(self, prompt: str, response: str, tokenizer: Any, max_length: int) -> Any:
         return self.call(self.inner, prompt, response, tokenizer, max_length)

@@ -106,7 +106,7 @@ def fingerprint(path: Path) -> dict[str, Any]:
     """``{"size", "sha256"}`` of a file up to `WHOLE_HASH_BYTES`, ``{"size", "sha256_ends"}`` of a larger one."""
     size = path.stat().st_size
     if size <= WHOLE_HASH_BYTES:
-        from sftcore.cache import file_digest
+        from sftcore.data.cache import file_digest
 
         return {"size": size, "sha256": file_digest(path, remember=False)}
     return {"size": size, "sha256_ends": _ends_digest(path)}
@@ -127,7 +127,7 @@ def _ends_digest(path: Path) -> str:
 def _differs(path: Path, expected: Mapping[str, Any]) -> bool:
     if "sha256_ends" in expected:
         return _ends_digest(path) != expected["sha256_ends"]
-    from sftcore.cache import file_digest
+    from sftcore.data.cache import file_digest
 
     return file_digest(path, remember=False) != expected["sha256"]  # a whole file's, as any marker holds
 
@@ -194,7 +194,7 @@ def _newest(output: Path, verify: bool) -> tuple[Path | None, list[tuple[Path, s
 
 def data_digests(config: Mapping[str, Any]) -> dict[str, dict[str, str]]:
     """``{"data": {"path", "sha256"}, "eval_data": ...}`` for the data files ``config`` names."""
-    from sftcore.cache import file_digest
+    from sftcore.data.cache import file_digest
 
     return {
         key: {"path": str(config[key]), "sha256": file_digest(config[key])}
@@ -212,7 +212,7 @@ def changed_data(output: Path, config: Mapping[str, Any]) -> str | None:
     record = output / DATA_FILE
     if not record.is_file():  # a run from before data files were recorded
         return None
-    from sftcore.cache import file_digest
+    from sftcore.data.cache import file_digest
 
     try:
         saved = json.loads(record.read_text(encoding="utf-8"))

@@ -43,7 +43,7 @@ import yaml
 
 from sftcore.catalogue import load_catalogue
 from sftcore.errors import UsageError
-from sftcore.pipeline import ROW_POLICIES, row_policy
+from sftcore.data.pipeline import ROW_POLICIES, row_policy
 from sftcore.registry import STAGES, Registry, _accepts, _describe, did_you_mean, option_problems, union_members, unknown_message
 from sftcore.weights import is_weight_file
 

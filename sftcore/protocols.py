@@ -2,7 +2,7 @@
 
 These are structural (``typing.Protocol``): a plugin needs no base class, only the methods.
 The host checks what each method returns where it calls it (`sftcore.boundary`, and
-`sftcore.pipeline.check_masked` for maskers); each "Checked:" paragraph below says what is
+`sftcore.data.pipeline.check_masked` for maskers); each "Checked:" paragraph below says what is
 refused, in one line naming the component and its plugin.
 """
 

@@ -1,4 +1,4 @@
-"""One run loop for every combination of components: prepare (`sftcore.dataprep`), load, train, save, summarise."""
+"""One run loop for every combination of components: prepare (`sftcore.data.prepare`), load, train, save, summarise."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from sftcore import distributed
 from sftcore.cli import one_line
 from sftcore.errors import SftError, UsageError
 from sftcore.manager import Host
-from sftcore.dataprep import BUILTIN_MODEL, build_stage, cap_max_length, eval_rows, model_path, prepare_data
-from sftcore.pipeline import Prepared
+from sftcore.data.prepare import BUILTIN_MODEL, build_stage, cap_max_length, eval_rows, model_path, prepare_data
+from sftcore.data.pipeline import Prepared
 from sftcore.stats import BatchCounter, LossCurve
 from sftcore.vocab import check_token_ids
 

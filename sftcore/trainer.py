@@ -70,7 +70,7 @@ def distributed_rank() -> tuple[int, int]:
 
 
 def row_lengths(dataset: Sequence[Any]) -> list[int]:
-    lengths = getattr(dataset, "lengths", None)  # sftcore.cache.FlatRows knows them without building rows
+    lengths = getattr(dataset, "lengths", None)  # sftcore.data.cache.FlatRows knows them without building rows
     return list(lengths) if lengths is not None else [len(row["input_ids"]) for row in dataset]
 
 

@@ -79,7 +79,7 @@ def quiet(logger_name: str) -> Iterator[None]:
 
 def check_token_ids(model: Any, tokenizer: Any, *row_sets: Sequence[dict] | None) -> None:
     """Raise `SftError` if an input id or label of the prepared rows has no embedding row in ``model``."""
-    from sftcore.cache import FlatRows
+    from sftcore.data.cache import FlatRows
 
     rows = embedding_rows(model)
     for row_set in row_sets:

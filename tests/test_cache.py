@@ -11,12 +11,12 @@ import pytest
 from cli_runs import LONG_ROW, ROWS, sft, write_jsonl
 
 from sftcore import config as cfg
-from sftcore import pipeline
+from sftcore.data import pipeline
 from sftcore.assets import DEMO_DATA, TINY_LLAMA
-from sftcore.cache import FlatRows, entry_path, key_parts, load, make_key
+from sftcore.data.cache import FlatRows, entry_path, key_parts, load, make_key
 from sftcore.errors import FieldError, RowDropped
 from sftcore.tokens import _backend_encode, encode_texts
-from sftcore.dataprep import build_stage, load_tokenizer, prepare_data
+from sftcore.data.prepare import build_stage, load_tokenizer, prepare_data
 from sftcore_plugins.flash import FlashLoader
 
 EDGE_ROWS = [
@@ -182,7 +182,7 @@ def test_the_key_follows_plugin_versions_and_code(builtin_host, tmp_path, monkey
     bumped = dataclasses.replace(masker, version="9.9")
     monkeypatch.setitem(builtin_host.registry._components["masker"], "response-only", bumped)
     assert key_of(builtin_host, data) != base
-    monkeypatch.setattr("sftcore.cache.source_digest", lambda obj: "edited")
+    monkeypatch.setattr("sftcore.data.cache.source_digest", lambda obj: "edited")
     monkeypatch.setitem(builtin_host.registry._components["masker"], "response-only", masker)
     assert key_of(builtin_host, data) != base
 

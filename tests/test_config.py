@@ -176,7 +176,7 @@ def test_validate_accepts_the_demo_and_rejects_broken_yaml(monkeypatch, tmp_path
 
 
 def test_the_demo_names_the_model_the_run_builds():
-    from sftcore import dataprep
+    from sftcore.data import prepare as dataprep
     from sftcore.assets import BUILTIN_MODEL, TINY_LLAMA
 
     demo = cfg.effective({})

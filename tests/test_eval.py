@@ -9,9 +9,9 @@ import pytest
 import torch
 from cli_runs import ROWS, loss_points, sft, write_jsonl
 
-from sftcore.cache import FlatRows
-from sftcore.pipeline import Prepared
-from sftcore.dataprep import eval_rows
+from sftcore.data.cache import FlatRows
+from sftcore.data.pipeline import Prepared
+from sftcore.data.prepare import eval_rows
 
 TRAIN = [dict(row, instruction=f"{row['instruction']} ({i})") for i in range(4) for row in ROWS]  # 24 rows
 HELD_OUT = ROWS[:4]

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from sftcore.errors import SftError
-from sftcore.pipeline import Prepared, format_rows, read_rows
+from sftcore.data.pipeline import Prepared, format_rows, read_rows
 from sftcore_plugins.alpaca import AlpacaTemplate
 from sftcore_plugins.masking import SeparateMasker
 from sftcore_plugins.readers import JsonLinesReader, JsonReader

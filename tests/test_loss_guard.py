@@ -133,7 +133,7 @@ def _tokenizer():
 def test_a_row_that_trains_nothing_is_refused(labels, message):
     """The loss shifts labels by one: a label at position 0 is never a target, so it alone trains nothing."""
     from sftcore.errors import UsageError
-    from sftcore.pipeline import check_masked
+    from sftcore.data.pipeline import check_masked
 
     with pytest.raises(UsageError, match=re.escape(message)):
         check_masked({"input_ids": [7, 8, 9], "labels": labels}, 16, 4)

@@ -13,7 +13,7 @@ from cli_runs import ROWS, sft, write_jsonl
 
 from sftcore import hookimpl
 from sftcore.assets import DEMO_DATA
-from sftcore.dataprep import model_positions
+from sftcore.data.prepare import model_positions
 from sftcore.errors import SftError
 from sftcore.loss import LARGE_VOCABULARY, chunked_loss_advice
 from sftcore.vocab import check_token_ids

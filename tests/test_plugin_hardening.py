@@ -20,10 +20,10 @@ from test_manager import FakeDist, FakeEntryPoint, Templates, use_entry_points
 from sftcore import IGNORE_INDEX, hookimpl
 from sftcore.boundary import plugin_callbacks
 from sftcore.cli import cli
-from sftcore.dataprep import build_stage
+from sftcore.data.prepare import build_stage
 from sftcore.errors import PluginError, SftError, UsageError
 from sftcore.manager import load_host
-from sftcore.pipeline import Formatted, Prepared, format_rows, mask_rows, pick_reader, read_rows
+from sftcore.data.pipeline import Formatted, Prepared, format_rows, mask_rows, pick_reader, read_rows
 from sftcore_plugins.alpaca import AlpacaTemplate
 
 DISABLE = "disable it with SFT_DISABLE_PLUGINS={0} or --disable-plugin {0}"
@@ -659,7 +659,7 @@ class FailsToBuild:
 
 @pytest.mark.parametrize("factory", [NeedsDelimiter, FailsToBuild])
 def test_a_reader_that_cannot_be_built_bare_leaves_jsonl_detection_alone(clean_plugin_env, factory):
-    from sftcore.pipeline import reader_component
+    from sftcore.data.pipeline import reader_component
     from sftcore_plugins.readers import JsonLinesReader
 
     host = load_host(entry_points=False, extra={"csvp": Registering("reader", factory)})

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from sftcore.errors import DataError, UsageError
-from sftcore.pipeline import pick_reader, read_rows
+from sftcore.data.pipeline import pick_reader, read_rows
 from sftcore_plugins.readers import JsonLinesReader, JsonReader
 
 ROWS = [{"instruction": "a", "output": "b"}, {"instruction": "ç 中", "input": "", "output": "- d"}]
@@ -137,7 +137,7 @@ def test_reader_is_picked_by_suffix(builtin_host, tmp_path):
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-import sftcore.jsonstream as readers  # noqa: E402  (its BLOCK sets the block size)
+import sftcore.data.jsonstream as readers  # noqa: E402  (its BLOCK sets the block size)
 
 TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=40)  # "中", "é", emoji: split across blocks
 # Literals, numbers and escapes cut by a block's end must be read on, not reported.

@@ -11,7 +11,7 @@ import pytest
 
 from sftcore import IGNORE_INDEX, RowDropped
 from sftcore.errors import UsageError
-from sftcore.pipeline import Formatted, Prepared, check_masked, mask_rows
+from sftcore.data.pipeline import Formatted, Prepared, check_masked, mask_rows
 from sftcore.tokens import encode_prompts, encode_texts, special_affixes
 from sftcore_plugins.alpaca import AlpacaTemplate, alpaca_output
 from sftcore_plugins.flash import FlashLoader

@@ -10,7 +10,7 @@ from cli_runs import ROWS, forbid_model_loading, json_lines, sft, write_jsonl
 
 from sftcore import tokens
 from sftcore.errors import DataError
-from sftcore.pipeline import Prepared, format_rows, read_rows
+from sftcore.data.pipeline import Prepared, format_rows, read_rows
 from sftcore_plugins.alpaca import AlpacaTemplate
 from sftcore_plugins.masking import SeparateMasker
 from sftcore_plugins.readers import JsonLinesReader, JsonReader

@@ -22,7 +22,8 @@ import pytest
 from safetensors import SafetensorError
 from cli_runs import TWO_STEPS, forbid_model_loading, run_two_steps as run, sft
 
-from sftcore import cache, hookimpl
+from sftcore import hookimpl
+from sftcore.data import cache
 from sftcore import config as cfg
 from sftcore.checkpoints import DATA_FILE, LOCK_FILE, MARKER, check_output, damage, locked, newest_complete, write_marker
 from sftcore.errors import SftError
@@ -297,8 +298,9 @@ def test_the_temporary_of_a_killed_cache_write_goes_at_the_next_use(tmp_path):
         [sys.executable, "-c", textwrap.dedent(f"""
             import os, signal
             import safetensors.numpy
-            from sftcore import cache, hookimpl
-            from sftcore.pipeline import Prepared
+            from sftcore import hookimpl
+            from sftcore.data import cache
+            from sftcore.data.pipeline import Prepared
 
             def save_file(arrays, path, metadata=None):
                 with open(path, "wb") as handle:

@@ -108,7 +108,7 @@ def test_any_config_is_ok_or_problems_never_a_traceback(monkeypatch, tmp_path, c
 def test_row_policy_flags_defaults_and_checks_agree(key):
     from sftcore.commands.run import command as run
     from sftcore.config import effective
-    from sftcore.pipeline import ROW_POLICIES
+    from sftcore.data.pipeline import ROW_POLICIES
 
     flag = next(p for p in run.params if p.name == key)
     assert tuple(flag.type.choices) == ROW_POLICIES[key]

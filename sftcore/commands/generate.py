@@ -14,7 +14,7 @@ from sftcore.train import SUMMARY_FILE
 
 
 def prompt_for(host, run_config: dict, row: dict) -> str:
-    from sftcore.dataprep import build_stage
+    from sftcore.data.prepare import build_stage
 
     template = build_stage(host, run_config, "template")
     try:

@@ -22,7 +22,7 @@ def command(ctx: click.Context, config_file, tokenizer_path, workers, no_progres
     Give `sft run` the same --max-length, --on-bad-row and --on-duplicate (or the same
     --config): they are part of what the cache entry is for.
     """
-    from sftcore.dataprep import prepare_data
+    from sftcore.data.prepare import prepare_data
     from sftcore.train import reasons
 
     host, config = data_config(ctx, config_file, tokenizer_path, values)

@@ -33,7 +33,7 @@ def command(ctx: click.Context, config_file, tokenizer_path, limit, as_json, **v
 
     With no --model and no --data (and no config naming them): the bundled demo, as `sft run`.
     """
-    from sftcore.dataprep import format_data, load_tokenizer, mask_data, resolve_max_length, tokenizer_source
+    from sftcore.data.prepare import format_data, load_tokenizer, mask_data, resolve_max_length, tokenizer_source
 
     host, config = data_config(ctx, config_file, tokenizer_path, values)
     tokenizer = load_tokenizer(host, config, tokenizer_source(config))

@@ -29,15 +29,15 @@ from pathlib import Path
 from typing import Any
 
 from sftcore import IGNORE_INDEX, __version__
-from sftcore.pipeline import ROW_POLICIES, Prepared, row_policy
+from sftcore.data.pipeline import ROW_POLICIES, Prepared, row_policy
 
-log = logging.getLogger("sftcore.cache")
+log = logging.getLogger("sftcore.data.cache")
 
 FORMAT = 1  # bump when the file layout or what a key covers changes
 # Weights never shape tokenization, and hashing gigabytes would cost more than tokenizing.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".npz", ".npy")
 # sftcore's own modules that decide what a masked row holds, besides the components' modules.
-OWN_MODULES = ("sftcore.pipeline", "sftcore.dataprep", "sftcore.tokens", "sftcore.cache", "sftcore.jsonstream")
+OWN_MODULES = ("sftcore.data.pipeline", "sftcore.data.prepare", "sftcore.tokens", "sftcore.data.cache", "sftcore.data.jsonstream")
 # A temporary not written to for this long is removed whoever wrote it: a writer on another
 # machine (a shared cache), of an older sftcore, or a dead one whose pid a live process reuses.
 STALE_TEMP_SECONDS = 3600
@@ -208,7 +208,7 @@ def key_parts(host: Any, config: Mapping[str, Any], tokenizer_dir: str | os.Path
     """What a prepared entry depends on, for an effective run config (see `sftcore.config.effective`)."""
     import importlib
 
-    from sftcore.pipeline import reader_component
+    from sftcore.data.pipeline import reader_component
 
     if config.get("reader"):
         reader = component_identity(host.registry, "reader", config["reader"]["name"], config["reader"]["options"])

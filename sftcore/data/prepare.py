@@ -19,7 +19,7 @@ from sftcore.assets import BUILTIN_MODEL
 from sftcore.boundary import building, checked
 from sftcore.errors import SftError
 from sftcore.manager import Host
-from sftcore.pipeline import Formatted, Prepared, format_rows, mask_rows, pick_reader, read_rows, row_policy
+from sftcore.data.pipeline import Formatted, Prepared, format_rows, mask_rows, pick_reader, read_rows, row_policy
 
 log = logging.getLogger("sftcore.run")
 
@@ -206,7 +206,7 @@ def prepare_data(host: Host, config: dict[str, Any], *, progress: bool = True, w
     Needs the tokenizer only, never the weights, and not even that for a bad row, which stops
     the run first. ``config`` gets the resolved max_length.
     """
-    from sftcore import cache
+    from sftcore.data import cache
 
     cap_max_length(config)  # before the key: a capped length shares the entry of the same length asked for
     directory, key = cache_directory(config), None
@@ -243,7 +243,7 @@ def eval_rows(host: Host, config: dict[str, Any], data: Prepared, progress: bool
         return None
     import numpy as np
 
-    from sftcore import cache
+    from sftcore.data import cache
 
     count = len(data.rows)
     held = round(count * config["eval_split"])

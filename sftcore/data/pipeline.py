@@ -48,7 +48,7 @@ class Prepared:
 
     @property
     def tokens(self) -> int:
-        counted = getattr(self.rows, "tokens", None)  # sftcore.cache.FlatRows counts with numpy
+        counted = getattr(self.rows, "tokens", None)  # sftcore.data.cache.FlatRows counts with numpy
         return counted if counted is not None else sum(len(r["input_ids"]) for r in self.rows)
 
     @property
@@ -256,7 +256,7 @@ def mask_rows(
 
     ``workers > 1`` masks the batches in that many processes; the rows come back in order.
     """
-    from sftcore.workers import map_in_order
+    from sftcore.data.workers import map_in_order
 
     chunks = [items[start : start + MASK_BATCH] for start in range(0, len(items), MASK_BATCH)]
     texts = [([i.prompt for i in chunk], [i.response for i in chunk]) for chunk in chunks]
