@@ -1,4 +1,4 @@
-"""The loss head alone, plain against chunked (sftcore.loss): peak memory and time of forward + backward.
+"""The loss head alone, plain against chunked (sftcore.model.loss): peak memory and time of forward + backward.
 
 Hidden states of T tokens (hidden size H) go through an lm_head of V rows and cross-entropy, as
 a causal LM's last step does; 70% of the positions are supervised, as in the Alpaca sample.
@@ -22,7 +22,7 @@ def run(mode: str, tokens: int, hidden: int, vocab: int, dtype: str, chunk: int,
     import torch
     import torch.nn.functional as F
 
-    from sftcore.loss import chunked_causal_lm_loss
+    from sftcore.model.loss import chunked_causal_lm_loss
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)

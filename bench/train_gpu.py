@@ -103,7 +103,7 @@ def variant_reference(args, rows, tok_dir, shape, output):
     from torch.nn.utils.rnn import pad_sequence
     from transformers import Trainer
 
-    from sftcore.stats import BatchCounter
+    from sftcore.run.stats import BatchCounter
 
     tokenizer = reference_tokenizer(tok_dir)
     tokenizer.model_max_length = args.max_length
@@ -126,7 +126,7 @@ def packed_attention() -> str:
 
     attention, _ = pick_attention("auto", packing=True)
     if attention == "sft_varlen":
-        from sftcore import varlen
+        from sftcore.model import varlen
 
         varlen.register()
     return attention
@@ -135,9 +135,9 @@ def packed_attention() -> str:
 def variant_sftcore(args, rows, tok_dir, shape, output):
     from sftcore import config as cfg
     from sftcore.manager import load_host
-    from sftcore.stats import BatchCounter
+    from sftcore.run.stats import BatchCounter
     from sftcore.data.prepare import prepare_data
-    from sftcore.trainer import trainer_class
+    from sftcore.run.trainer import trainer_class
     from sftcore_plugins.packed import PackedCollator
 
     data_file = output / "rows.json"
@@ -148,7 +148,7 @@ def variant_sftcore(args, rows, tok_dir, shape, output):
     counter = BatchCounter(PackedCollator(max_tokens_per_batch=args.batch_size * args.max_length, attn_implementation=attention))
     model = new_model(shape, attention)
     if args.chunked_loss:
-        from sftcore.loss import enable_chunked_loss
+        from sftcore.model.loss import enable_chunked_loss
 
         enable_chunked_loss(model)
     trainer = trainer_class()(model=model, args=training_args(output, args), train_dataset=prepared.rows, data_collator=counter)
@@ -183,7 +183,7 @@ def variant_trl(args, rows, tok_dir, shape, output):
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from sftcore.stats import BatchCounter
+    from sftcore.run.stats import BatchCounter
     from sftcore_plugins.alpaca import AlpacaTemplate
 
     template = AlpacaTemplate()

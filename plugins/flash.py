@@ -3,15 +3,15 @@
 Attention: FlashAttention 4, 3 or 2 when the package is installed and a CUDA GPU of a
 generation it supports is present; for padding-free batches (option ``packing``, which the host
 sets for a collator with ``padding_free = True``) PyTorch's own varlen kernel next
-(``sft_varlen``, see sftcore.varlen); else PyTorch's sdpa. One log line says which and why.
+(``sft_varlen``, see sftcore.model.varlen); else PyTorch's sdpa. One log line says which and why.
 Precision: bf16 where the GPU supports it, fp32 otherwise (CPU training in bf16 is slower).
-``chunked_loss``: the loss over the lm_head in chunks of ``loss_chunk_tokens`` (sftcore.loss),
+``chunked_loss``: the loss over the lm_head in chunks of ``loss_chunk_tokens`` (sftcore.model.loss),
 never the whole (tokens x vocabulary) logits and their float32 copy, often a run's peak memory.
 The tokenizer pads on the right, adds no EOS by itself and gets a pad token if it lacks one:
 an unused special token it already has (unk, a reserved or pad token), else a new ``<|pad|>``.
 Tokens added to the model's own tokenizer (that pad, chat markers) get embedding rows, resized
 to a multiple of 64 and initialised to the mean of the old; a tokenizer of another model (its
-base vocabulary larger than the embeddings) is refused (sftcore.vocab).
+base vocabulary larger than the embeddings) is refused (sftcore.model.vocab).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import logging
 from typing import Any, Literal
 
 from sftcore import hookimpl
-from sftcore.vocab import embedding_rows, fit_embeddings, refuse_foreign_tokenizer
-from sftcore.weights import check_json_files, check_weights, loading, loading_model
+from sftcore.model.vocab import embedding_rows, fit_embeddings, refuse_foreign_tokenizer
+from sftcore.model.weights import check_json_files, check_weights, loading, loading_model
 
 log = logging.getLogger("sftcore.loader")
 
@@ -52,7 +52,7 @@ def pick_attention(requested: str = "auto", packing: bool = False) -> tuple[str,
     missing = "no FlashAttention package installed (pip install 'sftcore[flash]')"
     if not packing:
         return "sdpa", missing
-    from sftcore import varlen
+    from sftcore.model import varlen
 
     if varlen.kernel() is None:
         return "sdpa", f"{missing}; padding-free batches, but torch {torch.__version__} has no varlen_attn"
@@ -103,7 +103,7 @@ class FlashLoader:
         dtype = pick_dtype(opts["dtype"])
         log.info("attention: %s (%s); dtype: %s", attention, why, str(dtype).removeprefix("torch."))
         if attention == "sft_varlen":
-            from sftcore import varlen
+            from sftcore.model import varlen
 
             varlen.register()
             if dtype not in varlen.KERNEL_DTYPES:
@@ -124,12 +124,12 @@ class FlashLoader:
         fit_embeddings(model, tokenizer, model_name_or_path)
         set_pad_token_id(model, tokenizer.pad_token_id)
         if opts["chunked_loss"]:
-            from sftcore.loss import enable_chunked_loss
+            from sftcore.model.loss import enable_chunked_loss
 
             enable_chunked_loss(model, opts["loss_chunk_tokens"])
             log.info("loss: over the lm_head in chunks of %d tokens", opts["loss_chunk_tokens"])
         else:
-            from sftcore.loss import chunked_loss_advice
+            from sftcore.model.loss import chunked_loss_advice
 
             if advice := chunked_loss_advice(model.config, embedding_rows(model)):
                 log.info("%s", advice)

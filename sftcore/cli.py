@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 import sftcore
-from sftcore.distributed import is_main_process
+from sftcore.run.distributed import is_main_process
 from sftcore.errors import SftError
 
 COMMANDS = {

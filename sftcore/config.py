@@ -45,7 +45,7 @@ from sftcore.catalogue import load_catalogue
 from sftcore.errors import UsageError
 from sftcore.data.pipeline import ROW_POLICIES, row_policy
 from sftcore.registry import STAGES, Registry, _accepts, _describe, did_you_mean, option_problems, union_members, unknown_message
-from sftcore.weights import is_weight_file
+from sftcore.model.weights import is_weight_file
 
 TOP_KEYS = {
     "model", "data", "eval_data", "eval_split", "output", "max_length", "on_bad_row", "on_duplicate", "cache_dir",

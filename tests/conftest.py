@@ -153,7 +153,7 @@ def finished(tmp_path_factory, tiny_model_dir, data):
     """A finished `cli_runs.TWO_STEPS` run, with a complete checkpoint after each step."""
     from cli_runs import run_two_steps
 
-    from sftcore.checkpoints import MARKER
+    from sftcore.run.checkpoints import MARKER
 
     output = tmp_path_factory.mktemp("finished") / "out"
     with pytest.MonkeyPatch.context() as monkeypatch:

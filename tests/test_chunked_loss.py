@@ -9,7 +9,7 @@ import torch
 
 from sftcore import IGNORE_INDEX
 from sftcore.errors import SftError
-from sftcore.loss import enable_chunked_loss
+from sftcore.model.loss import enable_chunked_loss
 from sftcore_plugins.packed import PackedCollator
 from sftcore_plugins.pad import PadCollator
 

@@ -13,7 +13,7 @@ import click
 import pytest
 from cli_runs import loss_points
 
-from sftcore import distributed
+from sftcore.run import distributed
 from sftcore.assets import DEMO_DATA
 from sftcore.errors import UsageError
 
@@ -199,7 +199,7 @@ def test_ctrl_c_on_two_processes_saves_one_checkpoint_and_exits_130(tmp_path):
     import time
 
     from sftcore.assets import tiny_model
-    from sftcore.checkpoints import MARKER, newest_complete
+    from sftcore.run.checkpoints import MARKER, newest_complete
 
     output = tmp_path / "out"
     env = {**os.environ, "SFT_CACHE_DIR": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
@@ -313,7 +313,7 @@ def test_ddp_does_not_search_for_unused_parameters_unless_asked(tmp_path):
     """The Trainer's default (search, unless checkpointing) makes DDP warn on every run that it
     found none; a config may still ask for the search."""
     from sftcore import config as cfg
-    from sftcore.train import training_arguments
+    from sftcore.run.train import training_arguments
 
     config = cfg.effective({"model": "m", "data": "d"})
     assert training_arguments(config, str(tmp_path)).ddp_find_unused_parameters is False

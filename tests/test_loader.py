@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 
-from sftcore.vocab import PAD_MULTIPLE
+from sftcore.model.vocab import PAD_MULTIPLE
 from sftcore_plugins.flash import FlashLoader, pick_attention, pick_dtype
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from sftcore import distributed
+from sftcore.run import distributed
 from sftcore.errors import SftError, UsageError
 
 

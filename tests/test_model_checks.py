@@ -15,8 +15,8 @@ from sftcore import hookimpl
 from sftcore.assets import DEMO_DATA
 from sftcore.data.prepare import model_positions
 from sftcore.errors import SftError
-from sftcore.loss import LARGE_VOCABULARY, chunked_loss_advice
-from sftcore.vocab import check_token_ids
+from sftcore.model.loss import LARGE_VOCABULARY, chunked_loss_advice
+from sftcore.model.vocab import check_token_ids
 from sftcore_plugins.flash import FlashLoader
 from sftcore_plugins.masking import SeparateMasker
 

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from sftcore import IGNORE_INDEX
 from sftcore.errors import UsageError
-from sftcore.trainer import EpochBatches
+from sftcore.run.trainer import EpochBatches
 from sftcore_plugins.packed import PackedCollator, best_fit_decreasing
 from sftcore_plugins.pad import PadCollator, length_grouped
 
@@ -131,7 +131,7 @@ def test_accelerate_passes_our_rank_share_through_unchanged():
 
     from accelerate.data_loader import BatchSamplerShard
 
-    from sftcore.trainer import keep_own_sharding
+    from sftcore.run.trainer import keep_own_sharding
 
     lengths = [random.Random(i).randint(3, 40) for i in range(50)]
     sampler = EpochBatches(PackedCollator(max_tokens_per_batch=64).batch_sampler, lengths, 4, seed=0, rank=1, world_size=2)
@@ -241,7 +241,7 @@ def test_packed_examples_do_not_attend_to_each_other(tiny_llama, attention):
 def test_trainer_draws_batches_from_the_collator(tiny_llama, tmp_path):
     from transformers import TrainingArguments
 
-    from sftcore.trainer import trainer_class
+    from sftcore.run.trainer import trainer_class
 
     rows = random_rows(20, seed=3)
     collator = PackedCollator(max_tokens_per_batch=40)

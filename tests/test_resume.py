@@ -17,7 +17,7 @@ import pytest
 from cli_runs import loss_points, sft, write_jsonl
 
 from sftcore import hookimpl
-from sftcore.checkpoints import MARKER, newest_complete
+from sftcore.run.checkpoints import MARKER, newest_complete
 
 HERE = Path(__file__).resolve().parent
 # 22 rows, 4 a batch: 6 steps an epoch (the last one short), 12 steps in all; checkpoints every 4
@@ -145,7 +145,7 @@ def own_signal_handlers():
 
 
 def test_the_handlers_from_before_come_back_whatever_they_were(own_signal_handlers):
-    from sftcore.interrupt import StopOnSignal
+    from sftcore.run.interrupt import StopOnSignal
 
     for before in (own_signal_handlers, signal.SIG_IGN):
         signal.signal(signal.SIGINT, before)
@@ -251,7 +251,7 @@ def test_resuming_a_tied_model_does_not_report_its_tied_weight_missing():
     from transformers import AutoConfig, AutoModelForCausalLM, Trainer
 
     from sftcore.assets import TINY_LLAMA
-    from sftcore.trainer import trainer_class, untied_missing
+    from sftcore.run.trainer import trainer_class, untied_missing
 
     config = AutoConfig.from_pretrained(TINY_LLAMA)
     assert config.tie_word_embeddings
@@ -275,7 +275,7 @@ def test_the_missing_weight_warning_on_a_real_load(tmp_path, tied, warned):
     from transformers.utils import logging as hf_logging
 
     from sftcore.assets import TINY_LLAMA
-    from sftcore.trainer import trainer_class
+    from sftcore.run.trainer import trainer_class
 
     config = AutoConfig.from_pretrained(TINY_LLAMA)
     config.tie_word_embeddings = tied

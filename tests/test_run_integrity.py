@@ -25,9 +25,9 @@ from cli_runs import TWO_STEPS, forbid_model_loading, run_two_steps as run, sft
 from sftcore import hookimpl
 from sftcore.data import cache
 from sftcore import config as cfg
-from sftcore.checkpoints import DATA_FILE, LOCK_FILE, MARKER, check_output, damage, locked, newest_complete, write_marker
+from sftcore.run.checkpoints import DATA_FILE, LOCK_FILE, MARKER, check_output, damage, locked, newest_complete, write_marker
 from sftcore.errors import SftError
-from sftcore.train import SUMMARY_FILE, Summary, default_output, output_errors
+from sftcore.run.train import SUMMARY_FILE, Summary, default_output, output_errors
 
 
 
@@ -158,7 +158,7 @@ def test_a_diverged_run_stops_with_exit_1_and_saves_no_final_model(monkeypatch, 
 def test_a_non_finite_loss_names_the_step_and_what_to_try():
     from transformers import TrainerControl, TrainerState, TrainingArguments
 
-    from sftcore.interrupt import Diverged, StopOnNonFinite
+    from sftcore.run.interrupt import Diverged, StopOnNonFinite
 
     args = TrainingArguments(output_dir="unused", learning_rate=3e-4, fp16=False, max_grad_norm=0.0, report_to="none", use_cpu=True)
     state = TrainerState(global_step=7)
@@ -174,7 +174,7 @@ def test_a_non_finite_loss_names_the_step_and_what_to_try():
 
 def test_the_nan_filter_is_off_unless_a_config_sets_it():
     from sftcore import config as cfg
-    from sftcore.train import training_arguments
+    from sftcore.run.train import training_arguments
 
     config = cfg.effective({})
     assert training_arguments(config, "out").logging_nan_inf_filter is False
@@ -192,7 +192,7 @@ def test_a_second_run_in_a_directory_in_use_fails_at_once_naming_the_holder(monk
         [sys.executable, "-c", textwrap.dedent(f"""
             import sys, time
             from pathlib import Path
-            from sftcore.checkpoints import locked
+            from sftcore.run.checkpoints import locked
             with locked(Path({str(output)!r})):
                 print("held", flush=True)
                 time.sleep(60)
@@ -441,7 +441,7 @@ def fp16_args():
 def test_an_fp16_step_the_scaler_skips_does_not_stop_the_run():
     from transformers import TrainerControl, TrainerState
 
-    from sftcore.interrupt import Diverged, StopOnNonFinite
+    from sftcore.run.interrupt import Diverged, StopOnNonFinite
 
     state = TrainerState(global_step=3)
     StopOnNonFinite().on_log(fp16_args(), state, TrainerControl(), logs={"loss": 2.5, "grad_norm": math.inf})
@@ -458,7 +458,7 @@ def test_an_fp16_step_the_scaler_skips_does_not_stop_the_run():
 def test_a_step_that_saves_is_logged_so_a_nan_there_is_seen_before_the_checkpoint():
     from transformers import TrainerControl, TrainerState
 
-    from sftcore.interrupt import StopOnNonFinite
+    from sftcore.run.interrupt import StopOnNonFinite
 
     saving, not_saving = TrainerControl(should_save=True), TrainerControl()
     StopOnNonFinite().on_step_end(fp16_args(), TrainerState(global_step=5), saving)
@@ -573,7 +573,7 @@ def test_a_marker_listing_files_otherwise_is_damaged(tmp_path, files):
 
 
 def test_a_file_above_the_threshold_is_fingerprinted_by_its_ends(monkeypatch, tmp_path):
-    from sftcore import checkpoints
+    from sftcore.run import checkpoints
 
     monkeypatch.setattr(checkpoints, "WHOLE_HASH_BYTES", 4096)
     monkeypatch.setattr(checkpoints, "END_BYTES", 1024)

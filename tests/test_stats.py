@@ -9,7 +9,7 @@ import sys
 import pytest
 from cli_runs import loss_points
 
-from sftcore.stats import NO_PLOT, LossCurve
+from sftcore.run.stats import NO_PLOT, LossCurve
 
 POINTS = [(1, 2.5), (2, 2.0), (3, 1.5)]
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from sftcore import varlen
+from sftcore.model import varlen
 from sftcore_plugins.flash import FlashLoader, pick_attention
 
 LENGTHS = [5, 9, 3]

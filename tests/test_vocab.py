@@ -6,7 +6,7 @@ import types
 
 import torch
 
-from sftcore.vocab import embedding_rows
+from sftcore.model.vocab import embedding_rows
 
 
 def model_with(weight):

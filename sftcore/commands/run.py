@@ -7,7 +7,7 @@ import logging
 import click
 
 from sftcore import config as cfg
-from sftcore import distributed
+from sftcore.run import distributed
 from sftcore.commands.common import (
     cache_dir_option,
     config_from_cli,
@@ -60,7 +60,7 @@ def command(
         distributed.relaunch(nproc)
     if not distributed.is_main_process():
         logging.getLogger("sftcore").setLevel(logging.WARNING)
-    from sftcore.train import run
+    from sftcore.run.train import run
 
     summary = run(host, config, progress=not no_progress, resume=resume, overwrite=overwrite)
     if distributed.is_main_process():

@@ -181,7 +181,7 @@ def load_tokenizer(host: Host, config: Mapping[str, Any], path: str) -> Any:
         return loader.load_tokenizer(path)
     from transformers import AutoTokenizer
 
-    from sftcore.weights import check_json_files, loading
+    from sftcore.model.weights import check_json_files, loading
 
     check_json_files(path)
     with loading("tokenizer", path):

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sftcore import varlen
+from sftcore.model import varlen
 from sftcore.assets import DEMO_DATA
 from sftcore_plugins.flash import FlashLoader
 from sftcore_plugins.packed import PackedCollator

@@ -14,14 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from sftcore import config as cfg
-from sftcore import distributed
+from sftcore.run import distributed
 from sftcore.cli import one_line
 from sftcore.errors import SftError, UsageError
 from sftcore.manager import Host
 from sftcore.data.prepare import BUILTIN_MODEL, build_stage, cap_max_length, eval_rows, model_path, prepare_data
 from sftcore.data.pipeline import Prepared
-from sftcore.stats import BatchCounter, LossCurve
-from sftcore.vocab import check_token_ids
+from sftcore.run.stats import BatchCounter, LossCurve
+from sftcore.model.vocab import check_token_ids
 
 log = logging.getLogger("sftcore.run")
 CONFIG_FILE = "sft_config.yaml"
@@ -129,9 +129,9 @@ def run(
     """Train with the Hugging Face Trainer; save weights, tokenizer, state, config and summary.
 
     ``resume`` continues the run in the output directory from its newest complete checkpoint;
-    ``overwrite`` replaces the run there (see `sftcore.checkpoints`).
+    ``overwrite`` replaces the run there (see `sftcore.run.checkpoints`).
     """
-    from sftcore.checkpoints import take
+    from sftcore.run.checkpoints import take
 
     config = cfg.effective(user_config)
     cfg.check(config, host.registry)
@@ -213,8 +213,8 @@ def fit(
     checkpoint: Path | None = None, held_out: Any = None,
 ) -> Summary:
     """Load the model, train on the prepared rows (from ``checkpoint`` on, if given), save (files: the main process only)."""
-    from sftcore.checkpoints import logged_losses, record_data
-    from sftcore.interrupt import Diverged, MarkComplete, NoFinalCheckpoint, StopOnNonFinite, StopOnSignal, interrupted
+    from sftcore.run.checkpoints import logged_losses, record_data
+    from sftcore.run.interrupt import Diverged, MarkComplete, NoFinalCheckpoint, StopOnNonFinite, StopOnSignal, interrupted
 
     output = Path(args.output_dir)
     main = distributed.is_main_process()
@@ -296,7 +296,7 @@ def fit(
 
 def write_summary(output: Path, summary: Summary) -> None:
     """summary.json, whole or not at all: it is written last and marks the run finished (`sft generate` checks it)."""
-    from sftcore.checkpoints import write_whole
+    from sftcore.run.checkpoints import write_whole
 
     write_whole(output / SUMMARY_FILE, json.dumps(asdict(summary), indent=2) + "\n")
 
@@ -372,7 +372,7 @@ def build_trainer(host, config, model, tokenizer, data, collator, curve, args, p
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from sftcore.boundary import plugin_callbacks
-    from sftcore.trainer import trainer_class
+    from sftcore.run.trainer import trainer_class
 
     class RecordLoss(TrainerCallback):
         """Keeps every logged loss and shows one progress bar with the latest loss on it."""

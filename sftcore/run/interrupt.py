@@ -21,7 +21,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from sftcore.checkpoints import write_marker
+from sftcore.run.checkpoints import write_marker
 from sftcore.errors import SftError
 
 log = logging.getLogger("sftcore.run")
@@ -71,7 +71,7 @@ class StopOnSignal:
                 signal.signal(s, handler)
             raise KeyboardInterrupt
         self.signum = signum
-        from sftcore import distributed
+        from sftcore.run import distributed
 
         if not distributed.is_main_process():  # each process gets the signal; one says so
             return
@@ -82,7 +82,7 @@ class StopOnSignal:
 
     def requested(self) -> bool:
         """Whether any process got a signal: every process must take the same step to save together."""
-        from sftcore import distributed
+        from sftcore.run import distributed
 
         return distributed.summed(int(self.signum is not None))[0] > 0
 

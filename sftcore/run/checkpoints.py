@@ -2,7 +2,7 @@
 
 The Trainer writes ``checkpoint-N`` in place, file by file, so a process killed while saving
 leaves a directory that looks like a checkpoint and is not one. A checkpoint counts as
-complete only once it holds `MARKER`, which `sftcore.interrupt` writes from ``on_save``: the
+complete only once it holds `MARKER`, which `sftcore.run.interrupt` writes from ``on_save``: the
 Trainer calls it after the weights, optimizer, scheduler, RNG state and trainer_state.json
 are all on disk. The marker lists every file's size and a digest, so a file damaged since (a
 bad disk, a partial copy) makes the checkpoint incomplete again.
@@ -44,8 +44,8 @@ from typing import Any
 
 from sftcore import config as cfg
 from sftcore.errors import SftError, UsageError
-from sftcore.train import CONFIG_FILE, SUMMARY_FILE
-from sftcore.weights import is_weight_file
+from sftcore.run.train import CONFIG_FILE, SUMMARY_FILE
+from sftcore.model.weights import is_weight_file
 
 log = logging.getLogger("sftcore.run")
 
@@ -365,7 +365,7 @@ def check_output(
 
     ``remove=False`` only checks (`refuse_early`); ``verify=False`` checks checkpoints' file
     names and sizes without reading them (`damage`). Only the main process of a run calls it
-    (`sftcore.distributed.decided`): the others never look at a directory it may be clearing.
+    (`sftcore.run.distributed.decided`): the others never look at a directory it may be clearing.
     """
     if resume and overwrite:
         raise UsageError("--resume continues the run in the output directory, --overwrite replaces it: pass one of them")
