@@ -148,7 +148,7 @@ def main() -> None:
 
     from sftcore import config as cfg
     from sftcore.assets import TINY_LLAMA
-    from sftcore.manager import load_host
+    from sftcore.host import load_host
     from sftcore.data.prepare import prepare_data
 
     with tempfile.TemporaryDirectory() as tmp:

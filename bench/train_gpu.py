@@ -134,7 +134,7 @@ def packed_attention() -> str:
 
 def variant_sftcore(args, rows, tok_dir, shape, output):
     from sftcore import config as cfg
-    from sftcore.manager import load_host
+    from sftcore.host import load_host
     from sftcore.run.stats import BatchCounter
     from sftcore.data.prepare import prepare_data
     from sftcore.run.trainer import trainer_class
@@ -213,7 +213,7 @@ def loss_agreement(args, rows, tok_dir, shape, root) -> dict:
     import torch
 
     from sftcore import config as cfg
-    from sftcore.manager import load_host
+    from sftcore.host import load_host
     from sftcore.data.prepare import prepare_data
     from sftcore_plugins.packed import PackedCollator
     from sftcore_plugins.pad import PadCollator

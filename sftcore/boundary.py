@@ -306,7 +306,7 @@ class CheckedLoader(Checked):
 def check_tokenizer(loader: Checked, tokenizer: Any, call: str) -> Any:
     """A tokenizer as the host uses it: ``decode()``, a numeric ``model_max_length`` and a pad id
     that is an int or None. None is allowed: a padding-free collator (packed) needs no pad token,
-    and a collator that does says so when it is built (`sftcore.registry.option_problems`)."""
+    and a collator that does says so when it is built (`sftcore.options.option_problems`)."""
     length = getattr(tokenizer, "model_max_length", None)
     if not callable(getattr(tokenizer, "decode", None)) or isinstance(length, bool) or not isinstance(length, (int, float)):
         raise loader.wrong(f"{call} returned {kind(tokenizer)}, not a tokenizer with decode() and model_max_length")

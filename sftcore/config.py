@@ -41,10 +41,11 @@ from typing import Any
 
 import yaml
 
-from sftcore.catalogue import load_catalogue
+from sftcore.host import load_catalogue
 from sftcore.errors import UsageError
 from sftcore.data.pipeline import ROW_POLICIES, row_policy
-from sftcore.registry import STAGES, Registry, _accepts, _describe, did_you_mean, option_problems, union_members, unknown_message
+from sftcore.options import accepts, describe, did_you_mean, option_problems, union_members, unknown_message
+from sftcore.registry import STAGES, Registry
 from sftcore.model.weights import is_weight_file
 
 TOP_KEYS = {
@@ -89,7 +90,6 @@ BOOLEAN_TEXT: dict[str, tuple[bool, ...]] = {"fsdp": (True, False), "deepspeed":
 # A strategy of "steps" and the field giving its interval (a whole number, or below 1 a fraction of all steps).
 STEP_INTERVALS = {"logging_strategy": "logging_steps", "save_strategy": "save_steps", "eval_strategy": "eval_steps"}
 # Options the host supplies itself, so a factory may require them without the user passing them.
-HOST_OPTIONS = {"collator": {"pad_token_id", "attn_implementation"}, "loader": {"packing"}}
 
 TRAINING_DEFAULTS: dict[str, Any] = {
     "num_train_epochs": 3,
@@ -375,7 +375,7 @@ def problems(
             found.append(unknown_message(stage, value["name"], registry.names(stage)))
             continue
         component_ = registry.get(stage, value["name"])
-        found += option_problems(component_, options, host_provided=HOST_OPTIONS.get(stage, set()))
+        found += option_problems(component_, options, host_provided=True)
     if isinstance(training, Mapping):
         found += training_problems(training)
     else:
@@ -460,7 +460,7 @@ def value_problem(key: str, value: Any, field: Any) -> str | None:
     if number and (not isinstance(value, (int, float)) or isinstance(value, bool)):
         return f"'{key}' must be a number, got {value!r}"
     if not _fits(value, hint):
-        return f"'{key}' must be {_describe(hint)}, got {value!r}"
+        return f"'{key}' must be {describe(hint)}, got {value!r}"
     if isinstance(value, float) and not math.isfinite(value):
         return f"'{key}' must be a finite number, got {value!r}"
     if choices and value is not None and (not isinstance(value, str) or value not in choices):
@@ -506,12 +506,12 @@ def step_problems(training: Mapping[str, Any], fields: Mapping[str, Any]) -> lis
 
 
 def _fits(value: Any, hint: Any) -> bool:
-    """`_accepts`, with a list's items checked too: ``report_to: [[1]]`` is a list but no list[str]."""
+    """`accepts`, with a list's items checked too: ``report_to: [[1]]`` is a list but no list[str]."""
     if isinstance(value, list):
         lists = [arg for arg in union_members(hint) if typing.get_origin(arg) is list]
         if lists:
             return any(all(_fits(item, (typing.get_args(arg) or (Any,))[0]) for item in value) for arg in lists)
-    return _accepts(value, hint)
+    return accepts(value, hint)
 
 
 def enum_values(hint: Any) -> list[str]:

@@ -103,7 +103,7 @@ import pytest
 
 import $module
 from sftcore.errors import FieldError
-from sftcore.manager import load_host
+from sftcore.host import load_host
 from sftcore.testing import check_mask_invariants
 
 ROWS = [

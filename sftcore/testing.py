@@ -28,7 +28,7 @@ from sftcore import IGNORE_INDEX, RowDropped
 from sftcore.tokens import encode_prompts, encode_texts, eos_id
 
 if TYPE_CHECKING:
-    from sftcore.manager import Host
+    from sftcore.host import Host
 
 __all__ = ["check_mask_invariants", "make_host"]
 
@@ -40,8 +40,8 @@ def make_host(*plugins: object, builtins: bool = True, **named: object) -> Host:
     ``name=plugin`` to choose the name. Loading is strict: a plugin that fails to import, has an
     invalid hook or raises while registering fails the test instead of being reported and skipped.
     """
-    from sftcore.catalogue import load_catalogue
-    from sftcore.manager import load_host
+    from sftcore.host import load_catalogue
+    from sftcore.host import load_host
 
     extra: dict[str, object] = {}
     for plugin in plugins:

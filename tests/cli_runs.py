@@ -19,7 +19,7 @@ from pathlib import Path
 from click.testing import CliRunner, Result
 
 from sftcore.cli import cli
-from sftcore.manager import PLUGIN_ENV, load_host
+from sftcore.host import PLUGIN_ENV, load_host
 
 SFT = str(Path(sys.executable).with_name("sft"))
 # In-process runs cache here, never in the user's ~/.cache/sftcore.

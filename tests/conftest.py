@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from sftcore.manager import PLUGIN_ENV
+from sftcore.host import PLUGIN_ENV
 
 HERE = Path(__file__).resolve().parent
 
@@ -54,7 +54,7 @@ def toks():
 @pytest.fixture
 def builtin_host(monkeypatch):
     """A host with sftcore's own plugins only, unaffected by the caller's SFT_* variables."""
-    from sftcore.manager import load_host
+    from sftcore.host import load_host
 
     for var in PLUGIN_ENV:
         monkeypatch.delenv(var, raising=False)

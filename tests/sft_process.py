@@ -55,7 +55,7 @@ def die_while_saving(step: int) -> None:
 def main() -> None:
     from sftcore.cli import main as sft_main
     from sftcore.commands import common
-    from sftcore.manager import load_host
+    from sftcore.host import load_host
 
     if os.environ.get("SFT_TEST_DIE_SAVING"):
         die_while_saving(int(os.environ["SFT_TEST_DIE_SAVING"]))

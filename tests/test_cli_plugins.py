@@ -16,9 +16,9 @@ from click.testing import CliRunner
 
 import sftcore
 from sftcore import hookimpl
-from sftcore.catalogue import load_catalogue
+from sftcore.host import load_catalogue
 from sftcore.cli import cli
-from sftcore.manager import load_host
+from sftcore.host import load_host
 
 SFT = str(Path(sys.executable).with_name("sft"))
 STAGES = {"template", "masker", "collator", "loader", "reader"}
@@ -51,7 +51,7 @@ def test_help_lists_the_commands(run_sft):
         assert f"  {name} " in result.output
 
 
-def test_plugins_table(run_sft):
+def test_plugins_table(run_sft, builtin_host):
     result = run_sft("plugins")
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
@@ -60,7 +60,7 @@ def test_plugins_table(run_sft):
     for entry in load_catalogue().components:
         line = rows[(entry["stage"], entry["name"])]
         assert f"{entry['plugin']} (sftcore {sftcore.__version__})" in line
-        assert line.endswith(entry["description"])
+        assert line.endswith(builtin_host.registry.get(entry["stage"], entry["name"]).description)
     assert {name for _, name in rows} >= set(BUILTINS)
     assert [stage for stage, _ in rows][:2] == ["template", "template"], "pipeline order: templates first"
     assert result.stderr == ""
@@ -122,7 +122,7 @@ NO_TORCH = textwrap.dedent(
     """
     import functools, sys
     import sftcore.commands.common as common
-    import sftcore.manager as manager
+    import sftcore.host as manager
     common.load_host = functools.partial(manager.load_host, entry_points=False)
     from sftcore.cli import cli
     code = cli.main({args!r}, prog_name="sft", standalone_mode=False)

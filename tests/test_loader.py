@@ -130,7 +130,7 @@ def test_trust_remote_code_and_pickle_default_off(tiny_checkpoint, monkeypatch):
 
 
 def test_loader_options_are_checked(builtin_host):
-    from sftcore.registry import option_problems
+    from sftcore.options import option_problems
 
     component = builtin_host.registry.get("loader", "flash")
     assert option_problems(component, {"trust_remote_code": "yes"}) == [

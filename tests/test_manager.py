@@ -12,11 +12,12 @@ import pytest
 
 import sftcore
 from sftcore import hookimpl
-from sftcore import manager as manager_module
-from sftcore.catalogue import load_catalogue
+from sftcore import host as host_module
+from sftcore.host import load_catalogue
 from sftcore.errors import PluginError, UnknownComponentError, UsageError
-from sftcore.manager import load_host
-from sftcore.registry import Component, Registry, did_you_mean, option_problems, unknown_message
+from sftcore.host import load_host
+from sftcore.options import did_you_mean, option_problems, unknown_message
+from sftcore.registry import Component, Registry
 
 
 class Templates:
@@ -75,11 +76,11 @@ class FakeEntryPoint:
 def use_entry_points(monkeypatch, *eps: FakeEntryPoint) -> None:
     """Make the host see exactly ``eps`` in the ``sft`` group, whatever is installed."""
     fake = types.SimpleNamespace(
-        entry_points=lambda group: list(eps) if group == manager_module.ENTRY_POINT_GROUP else [],
+        entry_points=lambda group: list(eps) if group == host_module.ENTRY_POINT_GROUP else [],
         version=importlib.metadata.version,
         PackageNotFoundError=importlib.metadata.PackageNotFoundError,
     )
-    monkeypatch.setattr(manager_module, "metadata", fake)
+    monkeypatch.setattr(host_module, "metadata", fake)
 
 
 @pytest.fixture
@@ -124,7 +125,7 @@ def test_entry_point_plugin_records_distribution_and_version(clean_plugin_env):
     host = load_host()
     component = host.registry.get("collator", "tail-pad")
     assert (component.plugin, component.distribution, component.version) == ("tailpad", "sft-tailpad", "1.2.3")
-    assert host.plugins[-1] == manager_module.PluginInfo("tailpad", "sft-tailpad", "1.2.3", False, "sft_test_plugin")
+    assert host.plugins[-1] == host_module.PluginInfo("tailpad", "sft-tailpad", "1.2.3", False, "sft_test_plugin")
 
 
 # --- name clashes ------------------------------------------------------------------------------

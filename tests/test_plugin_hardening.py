@@ -22,7 +22,7 @@ from sftcore.boundary import plugin_callbacks
 from sftcore.cli import cli
 from sftcore.data.prepare import build_stage
 from sftcore.errors import PluginError, SftError, UsageError
-from sftcore.manager import load_host
+from sftcore.host import load_host
 from sftcore.data.pipeline import Formatted, Prepared, format_rows, mask_rows, pick_reader, read_rows
 from sftcore_plugins.alpaca import AlpacaTemplate
 

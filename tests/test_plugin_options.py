@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from sftcore import hookimpl
 from sftcore.cli import cli
-from sftcore.manager import load_host
+from sftcore.host import load_host
 
 
 class Fancy:

@@ -11,7 +11,7 @@ import pytest
 from cli_runs import LONG_ROW, ROWS, SFT, forbid_model_loading, json_lines, loss_points, sft, write_jsonl
 
 from sftcore import IGNORE_INDEX
-from sftcore.catalogue import load_catalogue
+from sftcore.host import load_catalogue
 
 OUTPUT_FILES = (
     "model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json",

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 import click
 
-from sftcore.manager import Host, load_host
+from sftcore.host import Host, load_host
 from sftcore.data.pipeline import ROW_POLICIES
 from sftcore.registry import STAGES
 

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import inspect
 import json
-import typing
 from typing import Any
 
 import click
 
 from sftcore.commands.common import host_from
-from sftcore.config import HOST_OPTIONS
-from sftcore.registry import Component, _describe
+from sftcore.options import HOST_OPTIONS, describe, signature
+from sftcore.registry import Component
 
 STAGE_ORDER = ("template", "masker", "collator", "loader", "reader")
 HOST_NOTE = "set by sft unless given"
@@ -23,34 +22,27 @@ def options_of(component: Component) -> dict[str, Any]:
     ``options`` is None when the factory has no signature to read; ``other_options`` says it
     also takes any other KEY (``**kwargs``). An option the host passes itself is marked ``set_by_host``.
     """
-    factory = component.factory
-    try:
-        params = inspect.signature(factory).parameters
-    except (TypeError, ValueError):
+    sig = signature(component.factory)
+    if sig is None:
         return {"options": None, "other_options": True}
-    try:
-        hints = typing.get_type_hints(factory.__init__ if inspect.isclass(factory) else factory)
-    except Exception:  # unresolvable annotations: show them as written
-        hints = {}
-    host = HOST_OPTIONS.get(component.stage, set())
+    host = HOST_OPTIONS.get(component.stage, {})
     options = [
         {
             "name": name,
-            "type": _type_name(hints.get(name, p.annotation)),
+            "type": _type_name(sig.hints.get(name, p.annotation)),
             "required": p.default is p.empty,
             "default": None if p.default is p.empty else _plain(p.default),
             "set_by_host": name in host,
         }
-        for name, p in params.items()
-        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        for name, p in sig.named.items()
     ]
-    return {"options": options, "other_options": any(p.kind is p.VAR_KEYWORD for p in params.values())}
+    return {"options": options, "other_options": sig.takes_any}
 
 
 def _type_name(hint: Any) -> str:
     if hint is inspect.Parameter.empty or hint is Any:
         return "any"
-    return hint if isinstance(hint, str) else _describe(hint)
+    return hint if isinstance(hint, str) else describe(hint)
 
 
 def _plain(value: Any) -> Any:

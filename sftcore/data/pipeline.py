@@ -18,7 +18,8 @@ from typing import Any, Literal, get_args
 from sftcore import IGNORE_INDEX
 from sftcore.boundary import advice, building, checked, component_origin, exception_text, fix_or_disable, kind, origin_of
 from sftcore.errors import DataError, FieldError, PluginError, RowDropped, SftError, UsageError
-from sftcore.registry import Registry, option_problems
+from sftcore.options import option_problems
+from sftcore.registry import Registry
 
 OnBadRow = Literal["error", "skip"]
 OnDuplicate = Literal["keep", "skip", "error"]

@@ -7,7 +7,6 @@ need a tokenizer at most.
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import json
 import logging
@@ -18,25 +17,19 @@ from typing import Any
 from sftcore.assets import BUILTIN_MODEL
 from sftcore.boundary import building, checked
 from sftcore.errors import SftError
-from sftcore.manager import Host
+from sftcore.options import with_host_options
+from sftcore.host import Host
 from sftcore.data.pipeline import Formatted, Prepared, format_rows, mask_rows, pick_reader, read_rows, row_policy
 
 log = logging.getLogger("sftcore.run")
 
 
 def build_stage(host: Host, config: Mapping[str, Any], stage: str, **host_options: Any) -> Any:
-    """Build a configured component, adding the host-provided options its factory accepts; the
-    host gets it behind `sftcore.boundary.checked`, which checks what each of its calls returns."""
-    name, options = config[stage]["name"], dict(config[stage]["options"])
-    factory = host.registry.get(stage, name).factory
-    try:
-        params = inspect.signature(factory).parameters
-        takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
-    except (TypeError, ValueError):
-        params, takes_any = {}, False
-    for key, value in host_options.items():
-        if key not in options and (key in params or takes_any):
-            options[key] = value
+    """Build a configured component, adding the host-provided options (`sftcore.options.HOST_OPTIONS`)
+    its factory accepts; the host gets it behind `sftcore.boundary.checked`, which checks what each
+    of its calls returns."""
+    name = config[stage]["name"]
+    options = with_host_options(stage, host.registry.get(stage, name).factory, config[stage]["options"], **host_options)
     try:
         with building(host.registry.get(stage, name)):
             built = host.registry.build(stage, name, options)

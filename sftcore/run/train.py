@@ -17,7 +17,7 @@ from sftcore import config as cfg
 from sftcore.run import distributed
 from sftcore.cli import one_line
 from sftcore.errors import SftError, UsageError
-from sftcore.manager import Host
+from sftcore.host import Host
 from sftcore.data.prepare import BUILTIN_MODEL, build_stage, cap_max_length, eval_rows, model_path, prepare_data
 from sftcore.data.pipeline import Prepared
 from sftcore.run.stats import BatchCounter, LossCurve

@@ -1,4 +1,5 @@
-"""Builds the plugin manager on demand: built-ins first, then entry points, one at a time.
+"""The host: plugins to components. Builds the plugin manager on demand: the built-ins that
+registry.yaml (the first-party catalogue) lists first, then entry points, one at a time.
 
 A plugin that fails to import, has a malformed hook, raises (``sys.exit`` included) or
 registers something malformed while registering, or takes longer than ``SFT_PLUGIN_TIMEOUT``
@@ -13,22 +14,23 @@ which plugins answered. Ctrl-C still interrupts.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from importlib import metadata
+from importlib import metadata, resources
 from typing import Any
 
 import pluggy
+import yaml
 
 import sftcore
 from sftcore import hookspecs
 from sftcore.boundary import (
     TIMEOUT_VARIABLE, PluginTimeout, exception_text, fix_or_disable, kind, plugin_code, plugin_label, plugin_timeout,
 )
-from sftcore.catalogue import load_catalogue
 from sftcore.errors import PluginError
 from sftcore.registry import STAGES, Component, Registry
 
@@ -36,6 +38,26 @@ ENTRY_POINT_GROUP = "sft"
 TIMEOUT_HINT = "SFT_PLUGIN_TIMEOUT=SECONDS (0: no limit)"
 # Every environment variable that changes which plugins load and how: a hermetic test clears them all.
 PLUGIN_ENV = ("SFT_DISABLE_PLUGINS", "SFT_STRICT_PLUGINS", "SFT_TRACE_PLUGINS", TIMEOUT_VARIABLE)
+
+
+@dataclass(frozen=True)
+class Catalogue:
+    """registry.yaml: the built-in plugins (name -> module), the components each provides, the default per stage."""
+
+    defaults: dict[str, str]
+    plugins: dict[str, str]  # plugin name -> module
+    components: list[dict[str, str]]
+
+
+@functools.lru_cache(maxsize=1)
+def load_catalogue() -> Catalogue:
+    text = resources.files("sftcore").joinpath("registry.yaml").read_text(encoding="utf-8")
+    data: dict[str, Any] = yaml.safe_load(text)
+    return Catalogue(
+        defaults=dict(data["defaults"]),
+        plugins={p["name"]: p["module"] for p in data["plugins"]},
+        components=list(data["components"]),
+    )
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,113 @@
+"""Template output as segments, and segments to training rows.
+
+A template formats a row as ordered `Segment`s, each trained or not. The masker's one rule: the
+ids before a trained segment are the inference prompt's ids, the tokenization of all the text
+before it (since the last ``restart``) as one prompt; a trained segment is encoded on its own
+and appended. Several trained segments share a row while each one's prompt ids begin with the
+row's ids; where they do not (a seam the whole text tokenizes differently, a row that would
+grow past ``max_length``), the turn starts a row of its own with exactly its prompt's ids.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+from sftcore.tokens import Marked, encode_marked, encode_texts, special_affixes
+
+
+class Segment(NamedTuple):
+    """One piece of a formatted row.
+
+    ``trained``: its ids are supervised. ``eos``: the tokenizer's EOS id follows it (trained with
+    it). ``restart``: the text before it is not its context; it begins a new row (a chat template
+    whose rendering of later turns changes earlier ones). ``left_out``: why a reply that is in the
+    text was not trained (counted); such a segment is never trained.
+    """
+
+    text: str
+    trained: bool = False
+    eos: bool = False
+    restart: bool = False
+    left_out: str = ""
+
+
+class Rendered(str):
+    """Text a chat template rendered: it reads as the template wrote it, while ``coded`` holds
+    the same text with the template's own markers (those that are tokens) as private sentinel
+    characters, so that a marker string written inside a message stays text.
+
+    ``owns_specials``: the text begins with the template's BOS where it has one, so no leading
+    special token of the tokenizer is added (as ``apply_chat_template`` tokenizes). Slicing or
+    adding gives a plain ``str``; `join` keeps both forms.
+    """
+
+    coded: str
+    encoder: Any
+    owns_specials = True
+
+    def __new__(cls, text: str, coded: str, encoder: Any) -> Rendered:
+        rendered = super().__new__(cls, text)
+        rendered.coded, rendered.encoder = coded, encoder
+        return rendered
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return Rendered, (str(self), self.coded, self.encoder)
+
+
+def join(texts: Sequence[str]) -> str:
+    """``"".join(texts)``, keeping `Rendered` (all of one encoder) and `Marked` (one marker set)."""
+    if texts and all(isinstance(t, Rendered) for t in texts):
+        return Rendered("".join(texts), "".join(t.coded for t in texts), texts[0].encoder)
+    if texts and all(isinstance(t, Marked) for t in texts):
+        return Marked("".join(texts), texts[0].markers)
+    return "".join(texts)
+
+
+def encode_prompt_texts(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
+    """Inference ids of each prompt: leading specials (unless the text owns them) + the text's ids."""
+    prefix = special_affixes(tokenizer)[0]
+    ids = encode_any(tokenizer, prompts)
+    return [p if getattr(text, "owns_specials", False) else prefix + p for text, p in zip(prompts, ids)]
+
+
+def encode_any(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
+    """Each text's ids alone: `Rendered` by its encoder, `Marked` with its markers, else as plain text."""
+    out: list[list[int]] = [[] for _ in texts]
+    rendered = [i for i, t in enumerate(texts) if isinstance(t, Rendered)]
+    marked = [i for i, t in enumerate(texts) if isinstance(t, Marked)]
+    plain = [i for i, t in enumerate(texts) if not isinstance(t, (Rendered, Marked))]
+    if rendered:
+        encoder = texts[rendered[0]].encoder
+        for i, ids in zip(rendered, encoder.encode([texts[i].coded for i in rendered])):
+            out[i] = ids
+    for group, encode in ((marked, encode_marked), (plain, encode_texts)):
+        if group:
+            for i, ids in zip(group, encode(tokenizer, [texts[i] for i in group])):
+                out[i] = ids
+    return out
+
+
+class Turn(NamedTuple):
+    """A trained segment with the text before it: ``prompt`` (since the last restart) and ``reply``."""
+
+    prompt: str
+    reply: str
+    eos: bool
+    restart: bool
+
+
+def turns_of(segments: Sequence[Segment]) -> tuple[list[Turn], list[str]]:
+    """The trained turns of a segment list, and the reasons of the replies left out."""
+    turns: list[Turn] = []
+    left_out = [s.left_out for s in segments if s.left_out]
+    context: list[str] = []
+    restart = True
+    for segment in segments:
+        if segment.restart:
+            context, restart = [], True
+        if segment.trained and not segment.left_out:
+            turns.append(Turn(join(context), segment.text, segment.eos, restart))
+            restart = False
+        context.append(segment.text)
+    return turns, left_out
