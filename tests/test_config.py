@@ -11,6 +11,7 @@ import pytest
 from cli_runs import ROWS, SFT, forbid_model_loading, sft, write_jsonl
 
 from sftcore import config as cfg
+from sftcore.run import arguments
 from sftcore import hookimpl
 from sftcore.commands.run import config_from_cli
 
@@ -33,7 +34,7 @@ def test_flags_override_the_yaml_file(tmp_path):
     training = config["training"]
     assert (training["learning_rate"], training["num_train_epochs"], training["lr_scheduler_type"]) == (5e-4, 2, "linear")
     assert (training["weight_decay"], training["warmup_steps"]) == (0.1, 0.05)
-    assert training["per_device_train_batch_size"] == cfg.TRAINING_DEFAULTS["per_device_train_batch_size"]
+    assert training["per_device_train_batch_size"] == arguments.TRAINING_DEFAULTS["per_device_train_batch_size"]
 
 
 class Spy:

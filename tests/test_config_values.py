@@ -11,6 +11,7 @@ import yaml
 from cli_runs import ROWS, forbid_model_loading, sft, write_jsonl
 
 from sftcore import config as cfg
+from sftcore.run import arguments
 from sftcore import hookimpl
 from sftcore.commands.run import config_from_cli
 
@@ -79,30 +80,30 @@ def test_run_reports_a_config_of_the_wrong_shape_with_flags_given(monkeypatch, t
 
 
 def test_ranges_depend_on_the_other_fields():
-    assert cfg.training_problems({"num_train_epochs": 0, "max_steps": 3}) == [], "max_steps > 0 decides the length"
-    assert cfg.training_problems({"max_steps": -1}) == [], "-1: train for num_train_epochs"
-    assert cfg.training_problems({"logging_steps": 0, "logging_strategy": "epoch"}) == []
-    assert cfg.training_problems({"save_steps": 0.25, "eval_steps": 0.5, "eval_strategy": "steps"}) == []
-    assert cfg.training_problems({"eval_steps": 0, "eval_strategy": "steps"}) == [
+    assert arguments.training_problems({"num_train_epochs": 0, "max_steps": 3}) == [], "max_steps > 0 decides the length"
+    assert arguments.training_problems({"max_steps": -1}) == [], "-1: train for num_train_epochs"
+    assert arguments.training_problems({"logging_steps": 0, "logging_strategy": "epoch"}) == []
+    assert arguments.training_problems({"save_steps": 0.25, "eval_steps": 0.5, "eval_strategy": "steps"}) == []
+    assert arguments.training_problems({"eval_steps": 0, "eval_strategy": "steps"}) == [
         "training: 'eval_steps' must be > 0 when eval_strategy is 'steps', got 0"
     ]
-    assert cfg.training_problems({"adam_beta2": 1.0, "weight_decay": -0.1}) == [
+    assert arguments.training_problems({"adam_beta2": 1.0, "weight_decay": -0.1}) == [
         "training: 'adam_beta2' must be >= 0 and < 1, got 1.0",
         "training: 'weight_decay' must be >= 0, got -0.1",
     ]
 
 
 def test_values_are_typed_by_their_field_as_written():
-    assert cfg.typed("save_strategy", False, "no") == "no"
-    assert cfg.typed("save_strategy", False, "off") == "off", "the word written, refused as such"
-    assert cfg.typed("report_to", False) is False, "free text keeps a boolean, for the type check"
-    assert cfg.typed("fsdp", False, "false") is False, "TrainingArguments takes fsdp=False; 'false' is no fsdp option"
-    assert cfg.typed("include_num_input_tokens_seen", False, "no") is False, "the field takes a bool"
-    assert cfg.typed("learning_rate", "2e-5") == 2e-5
-    assert cfg.typed("seed", "7") == 7
-    assert cfg.typed("bf16", "yes") == "yes", "text for a bool field is refused, not guessed"
-    assert cfg.typed("seed", "1.5") == "1.5"
-    assert cfg.typed("not_a_field", "2e-5") == "2e-5"
+    assert arguments.typed("save_strategy", False, "no") == "no"
+    assert arguments.typed("save_strategy", False, "off") == "off", "the word written, refused as such"
+    assert arguments.typed("report_to", False) is False, "free text keeps a boolean, for the type check"
+    assert arguments.typed("fsdp", False, "false") is False, "TrainingArguments takes fsdp=False; 'false' is no fsdp option"
+    assert arguments.typed("include_num_input_tokens_seen", False, "no") is False, "the field takes a bool"
+    assert arguments.typed("learning_rate", "2e-5") == 2e-5
+    assert arguments.typed("seed", "7") == 7
+    assert arguments.typed("bf16", "yes") == "yes", "text for a bool field is refused, not guessed"
+    assert arguments.typed("seed", "1.5") == "1.5"
+    assert arguments.typed("not_a_field", "2e-5") == "2e-5"
 
 
 def test_yaml_and_set_values_reach_the_effective_config_typed(monkeypatch, tmp_path, run_files):
@@ -235,7 +236,7 @@ def test_fsdp_and_deepspeed_false_stay_booleans_as_training_arguments_takes_them
     sets = ("fsdp=false", "deepspeed=false", "save_strategy=no") if where == "--set" else ()
     values = config_from_cli(str(config_file), {}, sets)["training"]
     assert (values["fsdp"], values["deepspeed"], values["save_strategy"]) == (False, False, "no")
-    assert cfg.training_problems(values) == []
+    assert arguments.training_problems(values) == []
     args = TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, **values)  # "false" was an unknown fsdp option
     assert (args.fsdp, args.deepspeed, str(args.save_strategy.value)) == (False, False, "no")
     if where == "file":
