@@ -55,13 +55,20 @@ class Rendered(str):
         return Rendered, (str(self), self.coded, self.encoder)
 
 
-def join(texts: Sequence[str]) -> str:
-    """``"".join(texts)``, keeping `Rendered` (all of one encoder) and `Marked` (one marker set)."""
-    if texts and all(isinstance(t, Rendered) for t in texts):
+def join(texts: Sequence[str], like: str = "") -> str:
+    """``"".join(texts)``, keeping `Rendered` (all of one encoder) and `Marked` (one marker set);
+    no texts join to an empty text of ``like``'s kind."""
+    if not texts:
+        texts = [like[:0] if not isinstance(like, (Rendered, Marked)) else _empty(like)]
+    if all(isinstance(t, Rendered) for t in texts):
         return Rendered("".join(texts), "".join(t.coded for t in texts), texts[0].encoder)
-    if texts and all(isinstance(t, Marked) for t in texts):
+    if all(isinstance(t, Marked) for t in texts):
         return Marked("".join(texts), texts[0].markers)
     return "".join(texts)
+
+
+def _empty(like: str) -> str:
+    return Rendered("", "", like.encoder) if isinstance(like, Rendered) else Marked("", like.markers)
 
 
 def encode_prompt_texts(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
@@ -107,7 +114,33 @@ def turns_of(segments: Sequence[Segment]) -> tuple[list[Turn], list[str]]:
         if segment.restart:
             context, restart = [], True
         if segment.trained and not segment.left_out:
-            turns.append(Turn(join(context), segment.text, segment.eos, restart))
+            turns.append(Turn(join(context, like=segment.text), segment.text, segment.eos, restart))
             restart = False
         context.append(segment.text)
     return turns, left_out
+
+
+def rows_of(
+    turns: Sequence[Turn], prompt_ids: Sequence[list[int]], reply_ids: Sequence[list[int]], max_length: int, fit: Any
+) -> list[dict]:
+    """One example's training rows from its turns' ids (``reply_ids`` with any EOS appended).
+
+    A turn joins the row before it when its prompt's ids begin with that row's ids and the
+    row stays within ``max_length``; otherwise it starts a row, ``fit(prompt, reply)`` (which
+    cuts one turn to ``max_length`` or raises `RowDropped`). Each row records its ``turns``.
+    """
+    from sftcore import IGNORE_INDEX
+
+    rows: list[dict] = []
+    for turn, prompt, reply in zip(turns, prompt_ids, reply_ids):
+        row = rows[-1] if rows and not turn.restart and "truncated" not in rows[-1] else None
+        if row is not None and len(prompt) + len(reply) <= max_length and prompt[: len(row["input_ids"])] == row["input_ids"]:
+            gap = prompt[len(row["input_ids"]) :]
+            row["input_ids"] += gap + reply
+            row["labels"] += [IGNORE_INDEX] * len(gap) + reply
+            row["turns"] += 1
+            continue
+        new = fit(prompt, reply)
+        new["turns"] = 1
+        rows.append(new)
+    return rows

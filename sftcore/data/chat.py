@@ -1,0 +1,231 @@
+"""Conversations rendered with a model's own Jinja chat template, as the segments training learns.
+
+For every assistant turn *i*, the prompt is the template's rendering of ``messages[:i]`` with
+``add_generation_prompt=True``, exactly what a chat server tokenizes at inference; the reply is
+what the template writes after that prompt in its rendering of ``messages[:i + 1]``, through
+the first marker after the content (``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``,
+``<|end|>``, EOS) and nothing after it (not the newline after ``<|im_end|>``).
+
+Marker strings written inside a message stay text: contents are escaped to private characters
+before rendering, so every marker left in the rendering is the template's own, and only those
+become token ids (`Encoder`). Reasoning tags (``<think>``) are not escaped: templates read them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from sftcore.data.segments import Rendered, Segment
+from sftcore.errors import FieldError, UsageError
+
+ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+# Ends of a turn that a tokenizer may lack as tokens (ChatML on a tokenizer without <|im_end|>): still markers.
+END_TEXTS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<｜end▁of▁sentence｜>")
+REASONING_TAGS = frozenset({"<think>", "</think>"})
+# Private-use code points standing for markers: content escapes from _ESCAPE, template tokens from _CODE.
+_ESCAPE, _CODE, _END = 0x10F000, 0x10F800, 0x110000
+_RESERVED = re.compile(f"[{chr(_ESCAPE)}-{chr(_END - 1)}]")
+TRAIN_ON = ("assistant", "last", "all")
+
+
+def messages_of(example: Mapping[str, Any], messages_field: str, conversations_field: str) -> list[dict[str, str]]:
+    """The row's conversation as ``{"role", "content"}`` dicts: OpenAI ``messages`` or ShareGPT
+    ``conversations`` (``from``: system/human/gpt, ``value``); a bad message is a `FieldError`
+    naming its index and key."""
+    if messages_field in example:
+        field, role_key, content_key, roles = messages_field, "role", "content", {r: r for r in ROLES}
+    elif conversations_field in example:
+        field, role_key, content_key, roles = conversations_field, "from", "value", SHAREGPT_ROLES
+    else:
+        raise FieldError(messages_field, f"is missing (a ShareGPT row has '{conversations_field}')", reason="missing-field")
+    messages = example[field]
+    if not isinstance(messages, list):
+        raise FieldError(field, f"must be a list of messages, got {type(messages).__name__}", reason="wrong-type")
+    if not messages:
+        raise FieldError(field, "is empty", reason="empty-field")
+    out = []
+    for i, message in enumerate(messages):
+        where = f"{field}[{i}]"
+        if not isinstance(message, Mapping):
+            raise FieldError(where, f"must be an object with {role_key} and {content_key}", reason="wrong-type")
+        if message.get("tool_calls") or message.get(role_key) in ("tool", "function", "ipython", "function_call", "observation"):
+            raise FieldError(where, "tool calls and tool results are not supported yet; leave such rows out (--on-bad-row skip)", reason="unsupported")
+        role = roles.get(message.get(role_key)) if isinstance(message.get(role_key), str) else None
+        if role is None:
+            raise FieldError(f"{where}.{role_key}", f"must be one of {', '.join(roles)}, got {message.get(role_key)!r}", reason="bad-role")
+        content = message.get(content_key)
+        if isinstance(content, list):
+            raise FieldError(f"{where}.{content_key}", "images and other content parts are not supported yet; give the text as a string", reason="unsupported")
+        if not isinstance(content, str):
+            got = "missing" if content is None else type(content).__name__
+            raise FieldError(f"{where}.{content_key}", f"must be a string, got {got}", reason="wrong-type")
+        if _RESERVED.search(content):
+            raise FieldError(f"{where}.{content_key}", "holds a character in U+10F000-U+10FFFF, which sftcore reserves for template markers", reason="bad-text")
+        out.append({"role": role, "content": content})
+    if not any(m["role"] == "assistant" for m in out):
+        raise FieldError(field, "has no assistant message to learn", reason="no-reply")
+    return out
+
+
+class Encoder:
+    """Token ids of rendered text with the template's markers as their ids, marker strings in
+    messages as text. A copy of the tokenizer's Rust backend where each marker token has a twin
+    added token spelled with a private character (same flags, not special) and every special
+    token is text (``encode_special_tokens``): around a marker the copy splits, strips and
+    normalizes exactly as the tokenizer's own call does, since it is the same code."""
+
+    def __init__(self, tokenizer: Any, markers: Sequence[str]) -> None:
+        from tokenizers import Tokenizer
+
+        from sftcore.tokens import _plain_backend
+
+        backend = _plain_backend(tokenizer)
+        if backend is None:
+            raise UsageError("the chat template needs a fast tokenizer (a tokenizer.json) without truncation or padding set")
+        spec = json.loads(backend.to_str())
+        tokens = {t["content"]: t for t in spec.get("added_tokens", [])}
+        self.token_markers = [m for m in markers if m in tokens]
+        twins = [{**tokens[m], "content": chr(_CODE + k), "special": False, "id": len(tokenizer) + k}
+                 for k, m in enumerate(self.token_markers)]
+        spec["added_tokens"] = spec.get("added_tokens", []) + twins
+        self.copy = Tokenizer.from_str(json.dumps(spec))
+        self.copy.encode_special_tokens = True
+        self.ids = {self.copy.token_to_id(chr(_CODE + k)): tokens[m]["id"] for k, m in enumerate(self.token_markers)}
+        self.lowest = min(self.ids, default=None)
+
+    def __getstate__(self) -> dict[str, Any]:  # workers get the copy as JSON
+        return {**self.__dict__, "copy": self.copy.to_str()}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        from tokenizers import Tokenizer
+
+        copy = Tokenizer.from_str(state.pop("copy"))
+        copy.encode_special_tokens = True
+        self.__dict__.update(state, copy=copy)
+
+    def encode(self, coded: Sequence[str]) -> list[list[int]]:
+        encode = getattr(self.copy, "encode_batch_fast", self.copy.encode_batch)
+        out = []
+        for encoding in encode(list(coded), add_special_tokens=False):
+            ids = encoding.ids
+            if self.lowest is not None and ids and max(ids) >= self.lowest:
+                ids = [self.ids.get(i, i) for i in ids]
+            out.append(ids)
+        return out
+
+
+class ChatRenderer:
+    """One chat template and tokenizer: renders conversations and splits them into segments."""
+
+    def __init__(self, tokenizer: Any, template: str, name: str) -> None:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+
+        self.name = name
+        self.compiled = _compile_jinja_template(template)  # the compiler and cache apply_chat_template uses
+        self.variables = dict(tokenizer.special_tokens_map)  # bos_token, eos_token... as apply_chat_template passes them
+        specials = {str(t) for t in tokenizer.all_special_tokens}
+        specials |= {str(t) for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if getattr(t, "special", False)}
+        markers = sorted((specials | set(END_TEXTS)) - REASONING_TAGS - {""}, key=lambda m: (-len(m), m))
+        if len(markers) > _CODE - _ESCAPE:
+            raise UsageError(f"the tokenizer has {len(markers)} special tokens; the chat template handles up to {_CODE - _ESCAPE}")
+        self.markers = markers
+        self.index = {m: k for k, m in enumerate(markers)}
+        self.find = re.compile("|".join(map(re.escape, markers)))
+        self.encoder = Encoder(tokenizer, markers)
+        coded = {m: chr(_CODE + k) for k, m in enumerate(self.encoder.token_markers)}
+        escaped = {chr(_ESCAPE + k): m for k, m in enumerate(markers)}
+        self._to_coded = {**coded, **escaped}
+        self._to_text = escaped
+        self._coded_find = re.compile("|".join([re.escape(m) for m in coded] + [f"[{chr(_ESCAPE)}-{chr(_CODE - 1)}]"]))
+        self._text_find = re.compile(f"[{chr(_ESCAPE)}-{chr(_CODE - 1)}]")
+
+    def escape(self, messages: Sequence[Mapping[str, str]]) -> list[dict[str, str]]:
+        sub = lambda m: chr(_ESCAPE + self.index[m.group()])  # noqa: E731
+        return [{**m, "content": self.find.sub(sub, m["content"])} for m in messages]
+
+    def render(self, escaped: Sequence[Mapping[str, str]], generation_prompt: bool) -> str:
+        """The template's text, contents escaped; a template that raises is the row's `FieldError`."""
+        try:
+            return self.compiled.render(messages=list(escaped), add_generation_prompt=generation_prompt, **self.variables)
+        except Exception as exc:  # jinja's raise_exception, an undefined variable, a type error in the template
+            message = self._text_find.sub(lambda m: self._to_text[m.group()], str(exc))
+            raise FieldError("messages", f"the chat template {self.name} refused the conversation: {message}", reason="template-refused") from None
+
+    def text(self, escaped: str) -> Rendered:
+        readable = self._text_find.sub(lambda m: self._to_text[m.group()], escaped)
+        coded = self._coded_find.sub(lambda m: self._to_coded[m.group()], escaped)
+        return Rendered(readable, coded, self.encoder)
+
+    def reply(self, prompt: str, whole: str) -> tuple[str, str]:
+        """``(reply, "")``: the text after ``prompt`` in ``whole`` through its first marker; or
+        ``("", reason)`` where the turn cannot be trained on its inference prompt."""
+        if not whole.startswith(prompt):
+            return "", "reply-not-after-prompt"
+        end = self.find.search(whole, len(prompt))
+        if end is None:
+            return "", "no-end-marker"
+        return whole[len(prompt) : end.end()], ""
+
+    def segments(self, messages: Sequence[Mapping[str, str]], train_on: str) -> list[Segment]:
+        """The conversation as segments: for each trained turn its inference prompt (after the
+        previous turn's reply when the rendering continues it, else restarting) and its reply."""
+        escaped = self.escape(messages)
+        if train_on == "all":
+            return [Segment(self.text(self.render(escaped, False)), trained=True)]
+        replies = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        if train_on == "last":
+            replies = replies[-1:]
+        out: list[Segment] = []
+        before = None  # the escaped text of the segments so far, since the last restart
+        for i in replies:
+            prompt = self.render(escaped[:i], True)
+            reply, reason = self.reply(prompt, self.render(escaped[: i + 1], False))
+            if before is not None and prompt.startswith(before):
+                head = Segment(self.text(prompt[len(before) :]))
+            else:
+                head = Segment(self.text(prompt), restart=before is not None)
+            out.append(head)
+            if reason:
+                out.append(Segment(self.text(""), left_out=reason))
+                before = prompt
+                continue
+            out.append(Segment(self.text(reply), trained=True))
+            before = prompt + reply
+        return out
+
+    def prompt(self, messages: Sequence[Mapping[str, str]]) -> Rendered:
+        """The inference prompt after ``messages``: what ``sft generate`` tokenizes."""
+        return self.text(self.render(self.escape(messages), True))
+
+
+def probe(renderer: ChatRenderer) -> None:
+    """Refuse, in one line, a template whose replies never continue their generation prompt
+    (one that opens ``<think>`` in the prompt but renders turns without it): no turn could be
+    trained on the prompt the model gets at inference."""
+    messages = [{"role": "user", "content": "Hello."}, {"role": "assistant", "content": "Hi there."}]
+    escaped = renderer.escape(messages)
+    try:
+        prompt, whole = renderer.render(escaped[:1], True), renderer.render(escaped, False)
+    except FieldError:
+        return  # a template with rules of its own (a required system message): each row's error says so
+    _, reason = renderer.reply(prompt, whole)
+    if reason == "reply-not-after-prompt":
+        opened = renderer.text(prompt[_common(prompt, whole) :])
+        raise UsageError(
+            f"the chat template {renderer.name} ends its generation prompt with {str(opened)!r}, which its rendering of "
+            "an assistant turn does not contain, so no turn can be trained on the prompt the model gets at inference; "
+            "pass --template-opt chat_template=FILE.jinja with a template whose turns continue its generation prompt"
+        )
+
+
+def _common(a: str, b: str) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

@@ -1,0 +1,206 @@
+"""Chat template families for the conversation tests: each real template (read from the trl
+wheel at test time, never copied here) with a small tokenizer carrying that family's own turn
+tokens, bos/eos conventions and added-token flags, trained in-process (vocabulary <= 1k).
+
+``FAMILIES[name]`` is a `Family`: the template file in the wheel, the tokenizer builder, whether
+the template takes a system message, and ``reply(content, last)``, the text the template
+writes for an assistant turn through its end marker (how it changes content, stated here
+independently of sftcore's code). ``templates(tmp)`` downloads the wheel once.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import random
+import subprocess
+import sys
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
+
+TRL = "trl==1.16.0"
+VOCAB = 900
+QWEN_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+WORDS = (
+    "the a of to and in is it you that for on with as be this hello hi there how are what why can "
+    "help me please thanks answer question think about list name three colors cold hot up down sure "
+    "here is one two yes no maybe system user assistant model reply turn again great idea"
+).split()
+
+
+def templates(directory: Path) -> Path:
+    """The wheel's ``trl/chat_templates`` folder, extracted under ``directory``; raises OSError
+    (with pip's last line) when the wheel cannot be downloaded."""
+    wheels = directory / "wheel"
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", TRL, "-d", str(wheels)],
+        capture_output=True, text=True, timeout=300,
+    )
+    found = sorted(wheels.glob("trl-*.whl"))
+    if done.returncode or not found:
+        raise OSError(f"pip download {TRL} failed: {(done.stderr or done.stdout).strip().splitlines()[-1:]}")
+    with zipfile.ZipFile(found[0]) as wheel:
+        for name in wheel.namelist():
+            if name.startswith("trl/chat_templates/") and name.endswith(".jinja"):
+                wheel.extract(name, directory)
+    return directory / "trl" / "chat_templates"
+
+
+def corpus(markers: list[str], seed: int = 0, n: int = 300) -> list[str]:
+    """Sentences and chat-shaped text around the family's markers, so merges like ``\\n\\n`` exist."""
+    rng = random.Random(seed)
+    texts = []
+    for _ in range(n):
+        words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12)))
+        marker = rng.choice(markers)
+        texts += [words, f"{marker}user\n{words}{marker}\n", f"{words}.\n\n{words}?", f" {words}:\n- {words}"]
+    return texts
+
+
+def _train(pre_tokenizer, specials: list[str], markers: list[str], *, byte_level: bool, normalizer=None) -> Tokenizer:
+    tok = Tokenizer(models.BPE(unk_token=None if byte_level else "<unk>", byte_fallback=not byte_level))
+    tok.pre_tokenizer = pre_tokenizer
+    if normalizer is not None:
+        tok.normalizer = normalizer
+    alphabet = pre_tokenizers.ByteLevel.alphabet() if byte_level else [f"<0x{b:02X}>" for b in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=specials, initial_alphabet=alphabet if byte_level else [],
+                                  show_progress=False)
+    tok.train_from_iterator(corpus(markers), trainer)
+    if byte_level:
+        return tok
+    # Byte fallback needs <0xXX> in the model's vocabulary (as SentencePiece models have them), not as added tokens.
+    spec = json.loads(tok.to_str())
+    vocab = spec["model"]["vocab"]
+    for piece in alphabet:
+        vocab.setdefault(piece, max(max(vocab.values()), max(t["id"] for t in spec["added_tokens"])) + 1)
+    return Tokenizer.from_str(json.dumps(spec))
+
+
+def _wrap(tok: Tokenizer, **names) -> PreTrainedTokenizerFast:
+    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=4096, **names)
+
+
+def _byte_level(split: str) -> pre_tokenizers.PreTokenizer:
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(split), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+
+
+@functools.cache
+def qwen() -> PreTrainedTokenizerFast:
+    """Qwen2.5/Qwen3: no BOS, EOS ``<|im_end|>`` (instruct), pad ``<|endoftext|>``; ``<think>``
+    and ``</think>`` added but not special, as Qwen3 ships them."""
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = _train(_byte_level(QWEN_SPLIT), specials, ["<|im_start|>", "<|im_end|>"], byte_level=True)
+    tok.add_tokens([AddedToken("<think>", special=False, normalized=False), AddedToken("</think>", special=False, normalized=False)])
+    tok.decoder = decoders.ByteLevel()
+    return _wrap(tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", additional_special_tokens=["<|im_start|>"])
+
+
+@functools.cache
+def llama3() -> PreTrainedTokenizerFast:
+    """Llama 3.x instruct: BOS ``<|begin_of_text|>`` added by the post-processor, EOS ``<|eot_id|>``."""
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    specials += [f"<|reserved_special_token_{i}|>" for i in range(4)]
+    tok = _train(_byte_level(LLAMA3_SPLIT), specials, ["<|eot_id|>", "<|start_header_id|>"], byte_level=True)
+    tok.decoder = decoders.ByteLevel()
+    bos = tok.token_to_id("<|begin_of_text|>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B", special_tokens=[("<|begin_of_text|>", bos)]
+    )
+    return _wrap(tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", pad_token="<|end_of_text|>",
+                 additional_special_tokens=specials[1:])
+
+
+@functools.cache
+def gemma() -> PreTrainedTokenizerFast:
+    """Gemma 2/3: spaces as ``▁`` by the normalizer (no dummy prefix), byte fallback, BOS ``<bos>``
+    added, EOS ``<eos>``; ``<start_of_turn>`` and ``<end_of_turn>`` special."""
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+    pre = pre_tokenizers.Split(Regex(" ?[^ ]+| +"), behavior="isolated")
+    tok = _train(pre, specials, ["<start_of_turn>", "<end_of_turn>"], byte_level=False, normalizer=normalizers.Replace(" ", "▁"))
+    tok.pre_tokenizer = None  # Gemma's tokenizer.json has none; the split above only sped up training
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    bos = tok.token_to_id("<bos>")
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", bos)])
+    return _wrap(tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
+                 additional_special_tokens=["<start_of_turn>", "<end_of_turn>"])
+
+
+@functools.cache
+def phi3() -> PreTrainedTokenizerFast:
+    """Phi-3: Llama-2 SentencePiece (``▁`` prefix, BOS ``<s>`` added), EOS ``<|endoftext|>``; its
+    turn tokens strip the whitespace on their right (``rstrip``), as Phi-3's tokenizer.json has them."""
+    specials = ["<unk>", "<s>", "</s>"]
+    tok = _train(pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first"), specials, ["<|user|>", "<|end|>"], byte_level=False)
+    turn = ["<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"]
+    tok.add_special_tokens([AddedToken(t, rstrip=t != "<|endoftext|>", special=True, normalized=False) for t in turn])
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
+    return _wrap(tok, bos_token="<s>", eos_token="<|endoftext|>", unk_token="<unk>", pad_token="<|endoftext|>",
+                 additional_special_tokens=turn[1:])
+
+
+@functools.cache
+def deepseek() -> PreTrainedTokenizerFast:
+    """DeepSeek V3 / R1 distills: BOS ``<｜begin▁of▁sentence｜>`` (written by the template), EOS
+    ``<｜end▁of▁sentence｜>``; ``<｜User｜>``/``<｜Assistant｜>`` special, ``<think>`` not."""
+    specials = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"]
+    tok = _train(_byte_level(QWEN_SPLIT), specials, ["<｜User｜>", "<｜Assistant｜>"], byte_level=True)
+    tok.add_tokens([AddedToken("<think>", special=False, normalized=False), AddedToken("</think>", special=False, normalized=False)])
+    tok.decoder = decoders.ByteLevel()
+    return _wrap(tok, bos_token=specials[0], eos_token=specials[1], pad_token=specials[1], additional_special_tokens=specials[2:])
+
+
+def _qwen3_reply(content: str, last: bool) -> str:
+    """Qwen3 writes the reply after the last user message inside an (empty) think block."""
+    if "</think>" in content:
+        reasoning = content.split("</think>")[0].rstrip("\n").split("<think>")[-1].lstrip("\n")
+        answer = content.split("</think>")[-1].lstrip("\n")
+        return f"<think>\n{reasoning.strip(chr(10))}\n</think>\n\n{answer.lstrip(chr(10))}<|im_end|>"
+    return f"<think>\n\n</think>\n\n{content}<|im_end|>"
+
+
+@dataclass(frozen=True)
+class Family:
+    template: str  # file name in trl/chat_templates
+    tokenizer: Callable[[], PreTrainedTokenizerFast]
+    system: bool  # the template takes a system message
+    reply: Callable[[str, bool], str]  # content, is it after the last user message -> trained text
+    control: tuple[str, ...]  # the family's turn tokens, which message text must never produce
+    splits: bool = False  # rendering later turns changes earlier ones: each turn a row of its own
+    refused: bool = False  # replies never continue the generation prompt: the template is refused
+
+
+FAMILIES = {
+    "qwen2_5": Family("qwen2_5.jinja", qwen, True, lambda c, last: c + "<|im_end|>", ("<|im_start|>", "<|im_end|>", "<|endoftext|>")),
+    "qwen3": Family("qwen3.jinja", qwen, True, _qwen3_reply, ("<|im_start|>", "<|im_end|>", "<|endoftext|>"), splits=True),
+    "llama3_1": Family("llama3_1.jinja", llama3, True, lambda c, last: c.strip() + "<|eot_id|>",
+                       ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")),
+    "llama3_2": Family("llama3_2.jinja", llama3, True, lambda c, last: c.strip() + "<|eot_id|>",
+                       ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")),
+    "gemma": Family("gemma.jinja", gemma, False, lambda c, last: c.strip() + "<end_of_turn>",
+                    ("<bos>", "<start_of_turn>", "<end_of_turn>", "<eos>")),
+    "gemma3": Family("gemma3.jinja", gemma, True, lambda c, last: c.strip() + "<end_of_turn>",
+                     ("<bos>", "<start_of_turn>", "<end_of_turn>", "<eos>")),
+    "phi3": Family("phi3.jinja", phi3, True, lambda c, last: c + "<|end|>",
+                   ("<s>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>", "<|endoftext|>")),
+    "deepseekv3": Family("deepseekv3.jinja", deepseek, True, lambda c, last: c.split("</think>")[-1] + "<｜end▁of▁sentence｜>",
+                         ("<｜begin▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>", "<｜end▁of▁sentence｜>"), refused=True),
+    "deepseek_r1_distill": Family("deepseek_r1_distill.jinja", deepseek, True,
+                                  lambda c, last: c.split("</think>")[-1] + "<｜end▁of▁sentence｜>",
+                                  ("<｜begin▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>", "<｜end▁of▁sentence｜>"), refused=True),
+}
