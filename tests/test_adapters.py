@@ -280,3 +280,21 @@ def test_embedding_rows_the_loader_added_are_saved_and_restored(lora, tiny_model
     merged = tiny(tmp_path / "merged")[0]
     assert merged.get_input_embeddings().weight.shape[0] == rows
     assert (logits(merged, ids) - expected).abs().max().item() < 1e-5
+
+
+@pytest.mark.slow
+def test_the_bench_runs_both_variants(lora):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parent.parent / "bench" / "adapters.py"
+    done = subprocess.run(
+        [sys.executable, str(bench), "--hidden", "64", "--layers", "2", "--vocab", "512", "--seq", "32", "--steps", "2", "--threads", "1"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.splitlines()[-1])
+    full, lora_ = report["adapters"]["full"], report["adapters"]["lora"]
+    assert full["trainable"] == full["total"] and 0 < lora_["trainable"] < full["trainable"] < lora_["total"]
+    assert re.search(r"^lora / full: trainable [\d.]+x, peak [\d.]+x, growth [\d.]+x, step_time [\d.]+x$", done.stdout, re.M)
