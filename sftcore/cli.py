@@ -12,7 +12,7 @@ import click
 
 import sftcore
 from sftcore.run.distributed import is_main_process
-from sftcore.errors import SftError
+from sftcore.errors import SftError, one_line
 
 COMMANDS = {
     "run": "train a model: data in, fine-tuned model out",
@@ -22,13 +22,6 @@ COMMANDS = {
     "validate": "check a run config without loading a model; report every problem",
     "plugins": "list plugins and their components; scaffold a new plugin",
 }
-
-
-def one_line(exc: BaseException) -> str:
-    """An error's reason in one line: its strerror, or its text with the lines joined
-    (transformers' OSErrors and ValueErrors run to several)."""
-    text = getattr(exc, "strerror", None) or str(exc)
-    return " ".join(line.strip() for line in text.splitlines() if line.strip()) or type(exc).__name__
 
 
 class LazyGroup(click.Group):

@@ -71,3 +71,10 @@ class FieldError(ValueError):
     def __init__(self, field: str, message: str, *, reason: str):
         self.field, self.message, self.reason = field, message, reason
         super().__init__(f"field '{field}': {message}")
+
+
+def one_line(exc: BaseException) -> str:
+    """An error's reason in one line: its strerror, or its text with the lines joined
+    (transformers' OSErrors and ValueErrors run to several)."""
+    text = getattr(exc, "strerror", None) or str(exc)
+    return " ".join(line.strip() for line in text.splitlines() if line.strip()) or type(exc).__name__

@@ -10,9 +10,10 @@ import pytest
 from cli_runs import forbid_model_loading, run_two_steps as run, sft
 
 from sftcore import config as cfg
-from sftcore.run.checkpoints import MARKER, check_output, differences
+from sftcore.run.checkpoints import MARKER
+from sftcore.run.outdir import check_output, differences
 from sftcore.errors import UsageError
-from sftcore.run.train import SUMMARY_FILE
+from sftcore.run.outdir import SUMMARY_FILE
 
 
 

@@ -25,9 +25,12 @@ from cli_runs import TWO_STEPS, forbid_model_loading, run_two_steps as run, sft
 from sftcore import hookimpl
 from sftcore.data import cache
 from sftcore import config as cfg
-from sftcore.run.checkpoints import DATA_FILE, LOCK_FILE, MARKER, check_output, damage, locked, newest_complete, write_marker
+from sftcore.run.outdir import DATA_FILE, LOCK_FILE, check_output, locked
+from sftcore.run.checkpoints import MARKER, damage, newest_complete, write_marker
 from sftcore.errors import SftError
-from sftcore.run.train import SUMMARY_FILE, Summary, default_output, output_errors
+from sftcore.run.outdir import SUMMARY_FILE
+from sftcore.run.summary import Summary
+from sftcore.run.train import default_output, output_errors
 
 
 
@@ -192,7 +195,7 @@ def test_a_second_run_in_a_directory_in_use_fails_at_once_naming_the_holder(monk
         [sys.executable, "-c", textwrap.dedent(f"""
             import sys, time
             from pathlib import Path
-            from sftcore.run.checkpoints import locked
+            from sftcore.run.outdir import locked
             with locked(Path({str(output)!r})):
                 print("held", flush=True)
                 time.sleep(60)

@@ -10,7 +10,7 @@ import click
 from sftcore import config as cfg
 from sftcore.commands.common import host_from
 from sftcore.errors import UsageError
-from sftcore.run.train import SUMMARY_FILE
+from sftcore.run.outdir import SUMMARY_FILE
 
 
 def prompt_for(host, run_config: dict, row: dict) -> str:
@@ -62,7 +62,7 @@ def command(ctx, model, instruction, context, row_json, max_new_tokens, temperat
     prompt = prompt_for(host_from(ctx), run_config, row)
     if show_prompt:
         click.echo(prompt)
-    from sftcore.run.train import transformers_bars
+    from sftcore.model.weights import transformers_bars
 
     with transformers_bars(not no_progress):
         click.echo(generate(model, prompt, max_new_tokens, temperature, seed))

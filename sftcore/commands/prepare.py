@@ -23,7 +23,7 @@ def command(ctx: click.Context, config_file, tokenizer_path, workers, no_progres
     --config): they are part of what the cache entry is for.
     """
     from sftcore.data.prepare import prepare_data
-    from sftcore.run.train import reasons
+    from sftcore.run.summary import reasons
 
     host, config = data_config(ctx, config_file, tokenizer_path, values)
     started = time.perf_counter()

@@ -171,3 +171,21 @@ class _HeldReport(logging.Filter):
         if not self.used:
             for record in self.records:
                 logger.handle(record)
+
+
+@contextmanager
+def transformers_bars(enabled: bool) -> Iterator[None]:
+    """Switch off transformers' own bars ("Loading weights", "Writing model shards") while inside.
+
+    They bypass our ``progress`` flag; the previous setting is restored, since it is process-wide.
+    """
+    from transformers.utils import logging as hf_logging
+
+    if enabled or not hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()

@@ -3,104 +3,26 @@
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sftcore import config as cfg
 from sftcore.run import distributed
-from sftcore.cli import one_line
-from sftcore.errors import SftError, UsageError
+from sftcore.errors import SftError, UsageError, one_line
 from sftcore.host import Host
 from sftcore.data.prepare import BUILTIN_MODEL, build_stage, cap_max_length, eval_rows, model_path, prepare_data
 from sftcore.data.pipeline import Prepared
 from sftcore.run.stats import BatchCounter, LossCurve
+from sftcore.run.summary import Summary, write_summary
+from sftcore.model.weights import transformers_bars
 from sftcore.model.vocab import check_token_ids
 
 log = logging.getLogger("sftcore.run")
-CONFIG_FILE = "sft_config.yaml"
-SUMMARY_FILE = "summary.json"
-
-
-@dataclass
-class Summary:
-    output: str
-    rows_read: int
-    rows_used: int
-    skipped: dict[str, int]
-    dropped: dict[str, int]
-    truncated: dict[str, int]
-    tokens: int
-    supervised_tokens: int
-    padding_fraction: float
-    tokens_per_second: float
-    steps: int
-    first_loss: float | None
-    last_loss: float | None
-    seconds: float
-    files: list[str] = field(default_factory=list)
-    duplicates: int = 0
-    eval_rows: int = 0
-    first_eval_loss: float | None = None
-    last_eval_loss: float | None = None
-    best_eval_loss: float | None = None
-    best_eval_step: int | None = None
-    model_files: list[str] = field(default_factory=list)  # what the final save wrote (--overwrite removes them)
-
-    def lines(self) -> list[str]:
-        first = "n/a" if self.first_loss is None else f"{self.first_loss:.4f}"
-        last = "n/a" if self.last_loss is None else f"{self.last_loss:.4f}"
-        return [
-            f"rows: {self.rows_used} used of {self.rows_read} read; skipped: {reasons(self.skipped)}; "
-            f"dropped: {reasons(self.dropped)}; truncated: {reasons(self.truncated)}"
-            + (f"; duplicates: {self.duplicates}" if self.duplicates else ""),
-            f"tokens: {self.tokens} per epoch, {self.supervised_tokens} supervised "
-            f"({self.supervised_tokens / max(self.tokens, 1):.0%}); padding {self.padding_fraction:.1%} of batch positions",
-            f"speed: {self.tokens_per_second:,.0f} real tokens/s over {self.steps} steps in {self.seconds:.1f}s",
-            f"loss: first {first}, last {last}",
-            *(
-                [
-                    f"held-out loss ({self.eval_rows} rows): first {_four(self.first_eval_loss)}, "
-                    f"last {_four(self.last_eval_loss)}, best {_four(self.best_eval_loss)}"
-                    + (f" at step {self.best_eval_step}" if self.best_eval_step is not None else "")
-                ]
-                if self.eval_rows else []
-            ),
-            f"saved to {self.output}",
-        ]
-
-
-def _four(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4f}"
-
-
-def reasons(counts: Mapping[str, int]) -> str:
-    """Counts by reason as the summary prints them: ``bad-json 1, too-long 2`` (or ``none``)."""
-    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"
-
-
-@contextmanager
-def transformers_bars(enabled: bool) -> Iterator[None]:
-    """Switch off transformers' own bars ("Loading weights", "Writing model shards") while inside.
-
-    They bypass our ``progress`` flag; the previous setting is restored, since it is process-wide.
-    """
-    from transformers.utils import logging as hf_logging
-
-    if enabled or not hf_logging.is_progress_bar_enabled():
-        yield
-        return
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.enable_progress_bar()
 
 
 @contextmanager
@@ -131,7 +53,7 @@ def run(
     ``resume`` continues the run in the output directory from its newest complete checkpoint;
     ``overwrite`` replaces the run there (see `sftcore.run.checkpoints`).
     """
-    from sftcore.run.checkpoints import take
+    from sftcore.run.outdir import take
 
     config = cfg.effective(user_config)
     cfg.check(config, host.registry)
@@ -213,7 +135,8 @@ def fit(
     checkpoint: Path | None = None, held_out: Any = None,
 ) -> Summary:
     """Load the model, train on the prepared rows (from ``checkpoint`` on, if given), save (files: the main process only)."""
-    from sftcore.run.checkpoints import logged_losses, record_data
+    from sftcore.run.checkpoints import logged_losses
+    from sftcore.run.outdir import CONFIG_FILE, record_data
     from sftcore.run.interrupt import Diverged, MarkComplete, NoFinalCheckpoint, StopOnNonFinite, StopOnSignal, interrupted
 
     output = Path(args.output_dir)
@@ -263,42 +186,12 @@ def fit(
     collator.real_tokens, collator.positions = distributed.summed(collator.real_tokens, collator.positions)
     files = [str(p) for p in curve.write(output)] if main else []
     seconds = time.perf_counter() - started
-    summary = Summary(
-        output=str(output),
-        rows_read=data.rows_read,
-        rows_used=len(data.rows),
-        skipped=dict(data.skipped),
-        dropped=dict(data.dropped),
-        truncated=dict(data.truncated),
-        tokens=data.tokens,
-        supervised_tokens=data.supervised_tokens,
-        padding_fraction=collator.padding_fraction,
-        # Evaluation runs inside the training loop; its time is not training's.
-        tokens_per_second=collator.real_tokens / max(result.metrics.get("train_runtime", seconds) - curve.eval_seconds, 1e-9),
-        steps=int(result.global_step),
-        first_loss=curve.points[0][1] if curve.points else None,
-        last_loss=curve.points[-1][1] if curve.points else None,
-        seconds=seconds,
-        files=files,
-        duplicates=data.duplicates,
-        eval_rows=len(held_out) if held_out is not None else 0,
-        first_eval_loss=curve.eval_points[0][1] if curve.eval_points else None,
-        last_eval_loss=curve.eval_points[-1][1] if curve.eval_points else None,
-        model_files=model_files,
-    )
-    if curve.eval_points:
-        summary.best_eval_step, summary.best_eval_loss = min(curve.eval_points, key=lambda point: point[1])
+    train_seconds = result.metrics.get("train_runtime", seconds)
+    summary = Summary.of(output, data, held_out, collator, curve, int(result.global_step), train_seconds, seconds, files, model_files)
     if main:
         write_summary(output, summary)
     distributed.finish()
     return summary
-
-
-def write_summary(output: Path, summary: Summary) -> None:
-    """summary.json, whole or not at all: it is written last and marks the run finished (`sft generate` checks it)."""
-    from sftcore.run.checkpoints import write_whole
-
-    write_whole(output / SUMMARY_FILE, json.dumps(asdict(summary), indent=2) + "\n")
 
 
 def file_stamps(directory: Path) -> dict[str, tuple[int, int]]:
