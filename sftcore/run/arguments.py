@@ -70,7 +70,6 @@ DEMO_TRAINING: dict[str, Any] = {
 }
 
 
-
 @functools.lru_cache(maxsize=1)
 def training_fields() -> dict[str, Any]:
     """TrainingArguments' dataclass fields by name (imports transformers, not torch's models)."""
@@ -79,7 +78,6 @@ def training_fields() -> dict[str, Any]:
     from transformers import TrainingArguments
 
     return {f.name: f for f in dataclasses.fields(TrainingArguments)}
-
 
 
 def typed(key: str, value: Any, word: str | None = None) -> Any:
@@ -111,7 +109,6 @@ def typed(key: str, value: Any, word: str | None = None) -> Any:
     return value
 
 
-
 def training_problems(training: Mapping[str, Any]) -> list[str]:
     fields = training_fields()
     found, valid = [], {}
@@ -126,7 +123,6 @@ def training_problems(training: Mapping[str, Any]) -> list[str]:
         else:
             valid[key] = value
     return found + [f"training: {problem}" for problem in step_problems(valid, fields)]
-
 
 
 def value_problem(key: str, value: Any, field: Any) -> str | None:
@@ -161,11 +157,9 @@ def value_problem(key: str, value: Any, field: Any) -> str | None:
     return None
 
 
-
 def _not_a_choice(key: str, value: Any, choices: list[str]) -> str:
     listed = did_you_mean(value, choices) or f" One of: {', '.join(choices)}"
     return f"'{key}' does not accept {value!r}.{listed}"
-
 
 
 def step_problems(training: Mapping[str, Any], fields: Mapping[str, Any]) -> list[str]:
@@ -188,7 +182,6 @@ def step_problems(training: Mapping[str, Any], fields: Mapping[str, Any]) -> lis
     return found
 
 
-
 def _fits(value: Any, hint: Any) -> bool:
     """`accepts`, with a list's items checked too: ``report_to: [[1]]`` is a list but no list[str]."""
     if isinstance(value, list):
@@ -198,14 +191,12 @@ def _fits(value: Any, hint: Any) -> bool:
     return accepts(value, hint)
 
 
-
 def enum_values(hint: Any) -> list[str]:
     """The values of an Enum among a field's types (``SchedulerType | str``): the strings it accepts."""
     for arg in typing.get_args(hint) or (hint,):
         if isinstance(arg, type) and issubclass(arg, enum.Enum):
             return [str(member.value) for member in arg]
     return []
-
 
 
 def item_enum_values(hint: Any) -> list[str]:
