@@ -57,18 +57,18 @@ def templates(directory: Path) -> Path:
     return directory / "trl" / "chat_templates"
 
 
-def corpus(markers: list[str], seed: int = 0, n: int = 300) -> list[str]:
-    """Sentences and chat-shaped text around the family's markers, so merges like ``\\n\\n`` exist."""
+def corpus(seed: int = 0, n: int = 300) -> list[str]:
+    """Sentences and chat-shaped text, so merges like ``\\n\\n`` and ``user\\n`` exist. No marker
+    string is in it: a merge spelling ``<|im_end|>`` would give text the marker's id."""
     rng = random.Random(seed)
     texts = []
     for _ in range(n):
         words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12)))
-        marker = rng.choice(markers)
-        texts += [words, f"{marker}user\n{words}{marker}\n", f"{words}.\n\n{words}?", f" {words}:\n- {words}"]
+        texts += [words, f"user\n{words}\nassistant\n\n{words}", f"{words}.\n\n{words}?", f" {words}:\n- {words}"]
     return texts
 
 
-def _train(pre_tokenizer, specials: list[str], markers: list[str], *, byte_level: bool, normalizer=None) -> Tokenizer:
+def _train(pre_tokenizer, specials: list[str], *, byte_level: bool, normalizer=None) -> Tokenizer:
     tok = Tokenizer(models.BPE(unk_token=None if byte_level else "<unk>", byte_fallback=not byte_level))
     tok.pre_tokenizer = pre_tokenizer
     if normalizer is not None:
@@ -76,7 +76,7 @@ def _train(pre_tokenizer, specials: list[str], markers: list[str], *, byte_level
     alphabet = pre_tokenizers.ByteLevel.alphabet() if byte_level else [f"<0x{b:02X}>" for b in range(256)]
     trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=specials, initial_alphabet=alphabet if byte_level else [],
                                   show_progress=False)
-    tok.train_from_iterator(corpus(markers), trainer)
+    tok.train_from_iterator(corpus(), trainer)
     if byte_level:
         return tok
     # Byte fallback needs <0xXX> in the model's vocabulary (as SentencePiece models have them), not as added tokens.
@@ -103,7 +103,7 @@ def qwen() -> PreTrainedTokenizerFast:
     """Qwen2.5/Qwen3: no BOS, EOS ``<|im_end|>`` (instruct), pad ``<|endoftext|>``; ``<think>``
     and ``</think>`` added but not special, as Qwen3 ships them."""
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    tok = _train(_byte_level(QWEN_SPLIT), specials, ["<|im_start|>", "<|im_end|>"], byte_level=True)
+    tok = _train(_byte_level(QWEN_SPLIT), specials, byte_level=True)
     tok.add_tokens([AddedToken("<think>", special=False, normalized=False), AddedToken("</think>", special=False, normalized=False)])
     tok.decoder = decoders.ByteLevel()
     return _wrap(tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", additional_special_tokens=["<|im_start|>"])
@@ -114,7 +114,7 @@ def llama3() -> PreTrainedTokenizerFast:
     """Llama 3.x instruct: BOS ``<|begin_of_text|>`` added by the post-processor, EOS ``<|eot_id|>``."""
     specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
     specials += [f"<|reserved_special_token_{i}|>" for i in range(4)]
-    tok = _train(_byte_level(LLAMA3_SPLIT), specials, ["<|eot_id|>", "<|start_header_id|>"], byte_level=True)
+    tok = _train(_byte_level(LLAMA3_SPLIT), specials, byte_level=True)
     tok.decoder = decoders.ByteLevel()
     bos = tok.token_to_id("<|begin_of_text|>")
     tok.post_processor = processors.TemplateProcessing(
@@ -130,7 +130,7 @@ def gemma() -> PreTrainedTokenizerFast:
     added, EOS ``<eos>``; ``<start_of_turn>`` and ``<end_of_turn>`` special."""
     specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
     pre = pre_tokenizers.Split(Regex(" ?[^ ]+| +"), behavior="isolated")
-    tok = _train(pre, specials, ["<start_of_turn>", "<end_of_turn>"], byte_level=False, normalizer=normalizers.Replace(" ", "▁"))
+    tok = _train(pre, specials, byte_level=False, normalizer=normalizers.Replace(" ", "▁"))
     tok.pre_tokenizer = None  # Gemma's tokenizer.json has none; the split above only sped up training
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
     bos = tok.token_to_id("<bos>")
@@ -144,7 +144,7 @@ def phi3() -> PreTrainedTokenizerFast:
     """Phi-3: Llama-2 SentencePiece (``▁`` prefix, BOS ``<s>`` added), EOS ``<|endoftext|>``; its
     turn tokens strip the whitespace on their right (``rstrip``), as Phi-3's tokenizer.json has them."""
     specials = ["<unk>", "<s>", "</s>"]
-    tok = _train(pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first"), specials, ["<|user|>", "<|end|>"], byte_level=False)
+    tok = _train(pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first"), specials, byte_level=False)
     turn = ["<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"]
     tok.add_special_tokens([AddedToken(t, rstrip=t != "<|endoftext|>", special=True, normalized=False) for t in turn])
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
@@ -159,7 +159,7 @@ def deepseek() -> PreTrainedTokenizerFast:
     """DeepSeek V3 / R1 distills: BOS ``<｜begin▁of▁sentence｜>`` (written by the template), EOS
     ``<｜end▁of▁sentence｜>``; ``<｜User｜>``/``<｜Assistant｜>`` special, ``<think>`` not."""
     specials = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"]
-    tok = _train(_byte_level(QWEN_SPLIT), specials, ["<｜User｜>", "<｜Assistant｜>"], byte_level=True)
+    tok = _train(_byte_level(QWEN_SPLIT), specials, byte_level=True)
     tok.add_tokens([AddedToken("<think>", special=False, normalized=False), AddedToken("</think>", special=False, normalized=False)])
     tok.decoder = decoders.ByteLevel()
     return _wrap(tok, bos_token=specials[0], eos_token=specials[1], pad_token=specials[1], additional_special_tokens=specials[2:])
@@ -171,7 +171,7 @@ def _qwen3_reply(content: str, last: bool) -> str:
         reasoning = content.split("</think>")[0].rstrip("\n").split("<think>")[-1].lstrip("\n")
         answer = content.split("</think>")[-1].lstrip("\n")
         return f"<think>\n{reasoning.strip(chr(10))}\n</think>\n\n{answer.lstrip(chr(10))}<|im_end|>"
-    return f"<think>\n\n</think>\n\n{content}<|im_end|>"
+    return f"<think>\n\n</think>\n\n{content.lstrip(chr(10))}<|im_end|>"
 
 
 @dataclass(frozen=True)
@@ -181,6 +181,7 @@ class Family:
     system: bool  # the template takes a system message
     reply: Callable[[str, bool], str]  # content, is it after the last user message -> trained text
     control: tuple[str, ...]  # the family's turn tokens, which message text must never produce
+    exact_decode: bool = True  # decoding ids gives back the text (no whitespace stripped by a turn token)
     splits: bool = False  # rendering later turns changes earlier ones: each turn a row of its own
     refused: bool = False  # replies never continue the generation prompt: the template is refused
 
@@ -197,7 +198,7 @@ FAMILIES = {
     "gemma3": Family("gemma3.jinja", gemma, True, lambda c, last: c.strip() + "<end_of_turn>",
                      ("<bos>", "<start_of_turn>", "<end_of_turn>", "<eos>")),
     "phi3": Family("phi3.jinja", phi3, True, lambda c, last: c + "<|end|>",
-                   ("<s>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>", "<|endoftext|>")),
+                   ("<s>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>", "<|endoftext|>"), exact_decode=False),
     "deepseekv3": Family("deepseekv3.jinja", deepseek, True, lambda c, last: c.split("</think>")[-1] + "<｜end▁of▁sentence｜>",
                          ("<｜begin▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>", "<｜end▁of▁sentence｜>"), refused=True),
     "deepseek_r1_distill": Family("deepseek_r1_distill.jinja", deepseek, True,

@@ -120,18 +120,49 @@ def turns_of(segments: Sequence[Segment]) -> tuple[list[Turn], list[str]]:
     return turns, left_out
 
 
+class Outcome(NamedTuple):
+    """What one example became: its training rows, and the reasons of the turns left out."""
+
+    rows: list[dict]
+    left_out: list[str]
+
+
+def mask_examples(
+    examples: Sequence[Sequence[Segment]], tokenizer: Any, max_length: int, fit: Any
+) -> list[Outcome]:
+    """Each example's rows (`rows_of`), its prompts and replies encoded in one batch."""
+    from sftcore.tokens import eos_id
+
+    per = [turns_of(segments) for segments in examples]
+    flat = [turn for turns, _ in per for turn in turns]
+    prompts = encode_prompt_texts(tokenizer, [t.prompt for t in flat])
+    replies = encode_any(tokenizer, [t.reply for t in flat])
+    if any(t.eos for t in flat):
+        eos = eos_id(tokenizer)
+        replies = [r + [eos] if t.eos else r for t, r in zip(flat, replies)]
+    out, at = [], 0
+    for turns, left_out in per:
+        n = len(turns)
+        rows, dropped = rows_of(turns, prompts[at : at + n], replies[at : at + n], max_length, fit)
+        out.append(Outcome(rows, left_out + dropped))
+        at += n
+    return out
+
+
 def rows_of(
     turns: Sequence[Turn], prompt_ids: Sequence[list[int]], reply_ids: Sequence[list[int]], max_length: int, fit: Any
-) -> list[dict]:
-    """One example's training rows from its turns' ids (``reply_ids`` with any EOS appended).
+) -> tuple[list[dict], list[str]]:
+    """One example's training rows from its turns' ids (``reply_ids`` with any EOS appended), and
+    the reasons of the turns that fit no row.
 
     A turn joins the row before it when its prompt's ids begin with that row's ids and the
-    row stays within ``max_length``; otherwise it starts a row, ``fit(prompt, reply)`` (which
-    cuts one turn to ``max_length`` or raises `RowDropped`). Each row records its ``turns``.
+    row stays within ``max_length``; otherwise it starts a row: ``fit(prompt, reply)`` gives it
+    (cut to ``max_length``, marked ``truncated``) or raises `RowDropped`. Each row counts its ``turns``.
     """
-    from sftcore import IGNORE_INDEX
+    from sftcore import IGNORE_INDEX, RowDropped
 
     rows: list[dict] = []
+    dropped: list[str] = []
     for turn, prompt, reply in zip(turns, prompt_ids, reply_ids):
         row = rows[-1] if rows and not turn.restart and "truncated" not in rows[-1] else None
         if row is not None and len(prompt) + len(reply) <= max_length and prompt[: len(row["input_ids"])] == row["input_ids"]:
@@ -140,7 +171,20 @@ def rows_of(
             row["labels"] += [IGNORE_INDEX] * len(gap) + reply
             row["turns"] += 1
             continue
-        new = fit(prompt, reply)
+        try:
+            new = fit(prompt, reply)
+        except RowDropped as exc:
+            dropped.append(exc.reason)
+            continue
         new["turns"] = 1
         rows.append(new)
-    return rows
+    return rows, dropped
+
+
+def fit_whole(prompt: list[int], reply: list[int], max_length: int) -> dict:
+    """A turn's row as it is, or `RowDropped` when it is longer than ``max_length``."""
+    from sftcore import IGNORE_INDEX, RowDropped
+
+    if len(prompt) + len(reply) > max_length:
+        raise RowDropped("too-long", f"more than max_length {max_length} tokens")
+    return {"input_ids": prompt + reply, "labels": [IGNORE_INDEX] * len(prompt) + reply}
