@@ -1,4 +1,6 @@
-"""Shared fixtures: tokenizers built in-process, a host with the built-ins only, the tiny checkpoint.
+"""Shared fixtures: tokenizers built in-process, a host with the built-ins only, checkpoints for them.
+
+The tiny checkpoint itself is `sftcore.testing`'s ``tiny_model_dir``, the fixture plugin authors get.
 
 No fixture loads whatever plugins happen to be installed: hosts come from
 ``load_host(entry_points=False)``.
@@ -13,42 +15,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import toy_tokenizers  # tests/ leads sys.path under pytest
 
 from sftcore.host import PLUGIN_ENV
 
-HERE = Path(__file__).resolve().parent
-
-
-def _import_library(name: str):
-    """Import the installed ``name`` even though ``tests/`` (holding a ``tokenizers.py``) may lead sys.path."""
-    saved = sys.path[:]
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
-    try:
-        module = __import__(name)
-    finally:
-        sys.path[:] = saved
-    assert HERE not in Path(module.__file__).resolve().parents, f"{name} resolved to the test helper"
-    return module
-
-
-_import_library("tokenizers")  # cached in sys.modules from now on, so transformers finds the library
-
-
-def _load_helpers():
-    spec = importlib.util.spec_from_file_location("sftcore_test_tokenizers", HERE / "tokenizers.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-HELPERS = _load_helpers()
 
 
 @pytest.fixture(scope="session")
 def toks():
-    """The builders of tests/tokenizers.py (each cached per session): ``toks.gpt2()`` etc."""
-    return HELPERS
+    """The builders of tests/toy_tokenizers.py (each cached per session): ``toks.gpt2()`` etc."""
+    return toy_tokenizers
 
 
 @pytest.fixture
@@ -66,14 +42,6 @@ def clean_plugin_env(monkeypatch):
     for var in PLUGIN_ENV:
         monkeypatch.delenv(var, raising=False)
     return monkeypatch
-
-
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory):
-    """The tiny Llama saved once per session (random weights from a fixed seed)."""
-    from sftcore.assets import tiny_model
-
-    return tiny_model(tmp_path_factory.mktemp("tiny") / "m")
 
 
 def save_checkpoint(tokenizer, path: Path, *, max_position_embeddings: int = 256) -> Path:

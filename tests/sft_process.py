@@ -13,14 +13,9 @@ from __future__ import annotations
 import functools
 import os
 import signal
-import sys
 import time
-from pathlib import Path
 
-# Run as a script, this file's directory leads sys.path, and tests/tokenizers.py would shadow the library.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
-from sftcore import hookimpl  # noqa: E402
+from sftcore import hookimpl
 
 
 class Steering:

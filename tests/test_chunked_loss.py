@@ -116,10 +116,10 @@ def test_a_model_that_soft_caps_its_logits_is_refused():
         enable_chunked_loss(Gemma2ForCausalLM(config), chunk=8)
 
 
-def test_an_unlisted_logit_transform_is_caught_by_the_probe(tiny_checkpoint):
+def test_an_unlisted_logit_transform_is_caught_by_the_probe(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     model.get_output_embeddings().register_forward_hook(lambda module, inputs, output: output * 3.0)
     model = enable_chunked_loss(model, chunk=8)
     ids = torch.randint(3, 500, (2, 12))
@@ -127,11 +127,11 @@ def test_an_unlisted_logit_transform_is_caught_by_the_probe(tiny_checkpoint):
         model(input_ids=ids, labels=ids)
 
 
-def test_the_loader_option(tiny_checkpoint):
+def test_the_loader_option(tiny_model_dir):
     from sftcore_plugins.flash import FlashLoader
 
-    model, _ = FlashLoader(chunked_loss=True, loss_chunk_tokens=5).load(str(tiny_checkpoint))
-    plain, _ = FlashLoader().load(str(tiny_checkpoint))
+    model, _ = FlashLoader(chunked_loss=True, loss_chunk_tokens=5).load(str(tiny_model_dir))
+    plain, _ = FlashLoader().load(str(tiny_model_dir))
     batch = PadCollator(pad_token_id=2)(rows(3, seed=4))
     out = model(**batch)
     assert out.logits is None

@@ -15,8 +15,8 @@ from sftcore_plugins.flash import FlashLoader, pick_attention, pick_dtype
 
 
 @pytest.fixture(scope="module")
-def loaded(tiny_checkpoint):
-    return FlashLoader().load(str(tiny_checkpoint))
+def loaded(tiny_model_dir):
+    return FlashLoader().load(str(tiny_model_dir))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback")
@@ -33,7 +33,7 @@ def test_pick_attention_honours_a_forced_value(forced):
     assert pick_dtype("bfloat16") == torch.bfloat16
 
 
-def test_tiny_checkpoint_loads_ready_to_train(loaded, tiny_checkpoint, caplog):
+def test_tiny_checkpoint_loads_ready_to_train(loaded, tiny_model_dir, caplog):
     model, tok = loaded
     assert tok.padding_side == "right"
     assert tok.pad_token == "<pad>" and tok.pad_token_id == 2, "an existing pad is kept"
@@ -44,19 +44,19 @@ def test_tiny_checkpoint_loads_ready_to_train(loaded, tiny_checkpoint, caplog):
         assert model.config._attn_implementation == "sdpa"
         assert model.dtype == torch.float32
     with caplog.at_level(logging.INFO, logger="sftcore.loader"):
-        FlashLoader(attn_implementation="eager", dtype="bfloat16").load(str(tiny_checkpoint))
+        FlashLoader(attn_implementation="eager", dtype="bfloat16").load(str(tiny_model_dir))
     assert "attention: eager (asked for with attn_implementation); dtype: bfloat16" in caplog.text
 
 
-def test_forced_attention_and_dtype_reach_the_model(tiny_checkpoint):
-    model, _ = FlashLoader(attn_implementation="eager", dtype="bfloat16").load(str(tiny_checkpoint))
+def test_forced_attention_and_dtype_reach_the_model(tiny_model_dir):
+    model, _ = FlashLoader(attn_implementation="eager", dtype="bfloat16").load(str(tiny_model_dir))
     assert model.config._attn_implementation == "eager"
     assert model.dtype == torch.bfloat16
 
 
-def test_right_padding_and_max_length_are_set(tiny_checkpoint, tmp_path):
+def test_right_padding_and_max_length_are_set(tiny_model_dir, tmp_path):
     path = tmp_path / "left"
-    shutil.copytree(tiny_checkpoint, path)
+    shutil.copytree(tiny_model_dir, path)
     config_path = path / "tokenizer_config.json"
     config = json.loads(config_path.read_text())
     config.update(padding_side="left", model_max_length=1_000_000)
@@ -105,7 +105,7 @@ def test_missing_pad_adds_one_and_resizes_to_a_multiple_of_64(toks, checkpoint_f
     assert out.logits.shape[-1] == rows and torch.isfinite(out.logits).all()
 
 
-def test_trust_remote_code_and_pickle_default_off(tiny_checkpoint, monkeypatch):
+def test_trust_remote_code_and_pickle_default_off(tiny_model_dir, monkeypatch):
     calls = {}
     for cls in (transformers.AutoTokenizer, transformers.AutoModelForCausalLM):
         original = cls.from_pretrained
@@ -117,14 +117,14 @@ def test_trust_remote_code_and_pickle_default_off(tiny_checkpoint, monkeypatch):
         monkeypatch.setattr(cls, "from_pretrained", record)
 
     assert FlashLoader().options["trust_remote_code"] is False
-    FlashLoader().load(str(tiny_checkpoint))
+    FlashLoader().load(str(tiny_model_dir))
     assert calls["AutoTokenizer"]["trust_remote_code"] is False
     model_kwargs = calls["AutoModelForCausalLM"]
     assert model_kwargs["trust_remote_code"] is False
     assert model_kwargs["use_safetensors"] is True, "no pickle unless allow_pickle=True"
     assert "dtype" in model_kwargs and "torch_dtype" not in model_kwargs
 
-    FlashLoader(trust_remote_code=True, allow_pickle=True).load(str(tiny_checkpoint))
+    FlashLoader(trust_remote_code=True, allow_pickle=True).load(str(tiny_model_dir))
     assert calls["AutoTokenizer"]["trust_remote_code"] is True
     assert calls["AutoModelForCausalLM"]["use_safetensors"] is None
 
@@ -139,17 +139,17 @@ def test_loader_options_are_checked(builtin_host):
     assert option_problems(component, {"attn_implementation": "flash_attention_2", "max_length": 2048}) == []
 
 
-def test_load_tokenizer_prepares_without_weights(toks, checkpoint_for, tiny_checkpoint, tmp_path):
+def test_load_tokenizer_prepares_without_weights(toks, checkpoint_for, tiny_model_dir, tmp_path):
     loader = FlashLoader()
     tok = loader.load_tokenizer(str(checkpoint_for(toks.gpt2())))
     assert tok.padding_side == "right" and tok.model_max_length == 256
     assert tok.pad_token_id is None, "only `load` adds a pad (it may resize the model)"
-    assert loader.load_tokenizer(str(tiny_checkpoint), max_length=32).model_max_length == 32
+    assert loader.load_tokenizer(str(tiny_model_dir), max_length=32).model_max_length == 32
 
     only = tmp_path / "tokenizer-only"
     only.mkdir()
     for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tiny_checkpoint / name, only / name)
+        shutil.copy(tiny_model_dir / name, only / name)
     tok = loader.load_tokenizer(str(only))
     assert tok.model_max_length == 512 and tok.padding_side == "right"
 

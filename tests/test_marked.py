@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from sftcore.tokens import Marked, clip_text, encode_marked_offsets, encode_prompts, encode_texts, special_affixes
 from sftcore_plugins.masking import SeparateMasker
-from sftcore_test_tokenizers import BUILDERS  # tests/tokenizers.py, loaded by conftest.py
+from toy_tokenizers import BUILDERS
 
 MARKERS = ("<|im_start|>", "<|im_end|>")
 # Contents free of special-token strings, so the tokenizer's own parse is the inference reference;

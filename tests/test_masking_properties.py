@@ -15,7 +15,7 @@ from sftcore.tokens import encode_prompts, special_affixes
 from sftcore_plugins.alpaca import AlpacaTemplate
 from sftcore_plugins.masking import SeparateMasker, full_masker
 
-from sftcore_test_tokenizers import BUILDERS  # tests/tokenizers.py, loaded by conftest.py
+from toy_tokenizers import BUILDERS
 
 SPECIAL_STRINGS = [
     "</s>",

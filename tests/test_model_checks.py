@@ -207,9 +207,9 @@ def test_model_positions_from_config_json(tmp_path, config, expected):
 
 
 @pytest.fixture
-def copy_of(tiny_checkpoint, tmp_path):
+def copy_of(tiny_model_dir, tmp_path):
     def make():
-        return shutil.copytree(tiny_checkpoint, tmp_path / "copy")
+        return shutil.copytree(tiny_model_dir, tmp_path / "copy")
 
     return make
 

@@ -17,7 +17,7 @@ from sftcore_plugins.alpaca import AlpacaTemplate, alpaca_output
 from sftcore_plugins.flash import FlashLoader
 from sftcore_plugins.masking import SeparateMasker
 from sftcore_plugins.pad import PadCollator
-from sftcore_test_tokenizers import STANFORD_INPUT, STANFORD_NO_INPUT
+from toy_tokenizers import STANFORD_INPUT, STANFORD_NO_INPUT
 
 ROW = {"instruction": "List three colors.", "input": "", "output": "- red\n- green\n- blue"}
 
@@ -192,12 +192,12 @@ def test_missing_pad_token_gets_one(toks, checkpoint_for):
     assert batch["input_ids"][1, 2].item() == tok.pad_token_id
 
 
-def test_trainer_takes_processing_class(tiny_checkpoint, tmp_path):
+def test_trainer_takes_processing_class(tiny_model_dir, tmp_path):
     """LLMBook 1b.5: `Trainer(tokenizer=...)` was removed in transformers v5 (PR #41128) and raises a
     TypeError; sftcore builds the Trainer with `processing_class=` and it trains."""
     from transformers import Trainer, TrainingArguments
 
-    model, tok = FlashLoader().load(str(tiny_checkpoint))
+    model, tok = FlashLoader().load(str(tiny_model_dir))
     template, masker = AlpacaTemplate(), SeparateMasker()
     data = [masker(*template.format({**ROW, "output": f"- item {i}"}), tok, 128) for i in range(4)]
     args = TrainingArguments(

@@ -21,9 +21,9 @@ LENGTHS = [5, 9, 3]
 
 
 @pytest.fixture(scope="module")
-def models(tiny_checkpoint):
+def models(tiny_model_dir):
     varlen.register()
-    load = lambda attn: AutoModelForCausalLM.from_pretrained(tiny_checkpoint, attn_implementation=attn).eval()  # noqa: E731
+    load = lambda attn: AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attn).eval()  # noqa: E731
     return load("sdpa"), load(varlen.NAME)
 
 
@@ -75,14 +75,14 @@ def test_padded_batch_matches_sdpa_on_real_tokens(models, side):
     torch.testing.assert_close(got[real], expected[real], rtol=1e-4, atol=1e-5)
 
 
-def test_training_step_gives_sdpa_loss_and_gradients(tiny_checkpoint):
+def test_training_step_gives_sdpa_loss_and_gradients(tiny_model_dir):
     varlen.register()
     ids, positions = packed(LENGTHS)
     labels = ids.clone()
     labels[0, [0, LENGTHS[0], LENGTHS[0] + LENGTHS[1]]] = -100
     grads = {}
     for attn in ("sdpa", varlen.NAME):
-        model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, attn_implementation=attn).train()
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attn).train()
         loss = model(input_ids=ids, position_ids=positions, labels=labels, use_cache=False).loss
         loss.backward()
         grads[attn] = (loss.detach(), model.model.layers[0].self_attn.q_proj.weight.grad.clone())
@@ -195,9 +195,9 @@ def test_the_loader_prefers_varlen_over_sdpa_for_padding_free_batches_on_cuda(mo
     assert attention == "sdpa" and "no varlen_attn" in why
 
 
-def test_the_loader_registers_varlen_when_asked_and_warns_about_fp32(tiny_checkpoint, caplog):
+def test_the_loader_registers_varlen_when_asked_and_warns_about_fp32(tiny_model_dir, caplog):
     with caplog.at_level(logging.INFO, logger="sftcore.loader"):
-        model, _ = FlashLoader(attn_implementation=varlen.NAME, dtype="float32").load(str(tiny_checkpoint))
+        model, _ = FlashLoader(attn_implementation=varlen.NAME, dtype="float32").load(str(tiny_model_dir))
     assert model.config._attn_implementation == varlen.NAME
     assert "attention: sft_varlen (asked for with attn_implementation)" in caplog.text
     assert "fp16/bf16 only" in caplog.text
