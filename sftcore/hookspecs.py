@@ -10,10 +10,19 @@ registration hook once per plugin with a ``register`` callable::
 (``--template-opt key=value``) or the YAML config and are checked against the factory's
 signature before anything heavy runs. The component protocols are in ``sftcore.protocols``.
 
+Host-provided options: the host passes these itself to a factory that takes an option of that
+name (or ``**kwargs``), unless the user set it (the table is `sftcore.options.HOST_OPTIONS`)::
+
+    collator  pad_token_id         the loaded tokenizer's pad token id (None when it has none)
+    collator  attn_implementation  the attention implementation the model loaded with
+    loader    packing              True when the run's collator is padding-free
+
+A factory may require them (no default) without the user passing them.
+
 ``register`` refuses a call that breaks this signature (a name that is not a non-empty
 string, a factory that is not callable, a description that is not a string, an override that
 is not a bool): the plugin is reported in one line and left out whole, as is one whose hook
-raises, calls ``sys.exit``, or runs past ``SFT_PLUGIN_TIMEOUT`` seconds (default 30; 0: no
+raises, calls ``sys.exit``, or runs past ``SFT_PLUGIN_TIMEOUT`` seconds (default 60; 0: no
 limit). Anything a plugin prints while it loads and registers goes to stderr.
 
 The host checks every component's answers against its protocol (`sftcore.boundary`): a

@@ -316,3 +316,22 @@ def metadata_version(dist: str) -> str:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
         return sftcore.__version__
+
+
+def plugin_callbacks(host: Any, config: Mapping[str, Any]) -> list[Any]:
+    """Every plugin's ``trainer_callbacks``, checked: an iterable of `TrainerCallback` instances
+    or classes (the Trainer instantiates a class itself)."""
+    from transformers import TrainerCallback
+
+    callbacks: list[Any] = []
+    for plugin, contributed in host.call_each("trainer_callbacks", config=config):
+        fix = fix_or_disable(plugin)
+        label = f"plugin {host.label(plugin)} returned from trainer_callbacks"
+        if isinstance(contributed, (str, bytes, Mapping)) or not hasattr(contributed, "__iter__"):
+            raise PluginError(f"{label} {kind(contributed)}, not a list of TrainerCallback; {fix}")
+        for callback in list(contributed):
+            is_class = isinstance(callback, type) and issubclass(callback, TrainerCallback)
+            if not (is_class or isinstance(callback, TrainerCallback)):
+                raise PluginError(f"{label} {kind(callback)} in its list, not a TrainerCallback; {fix}")
+            callbacks.append(callback)
+    return callbacks

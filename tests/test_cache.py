@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from pathlib import Path
 
 import pytest
 from cli_runs import LONG_ROW, ROWS, sft, write_jsonl
 
+import sftcore
 from sftcore import config as cfg
 from sftcore.data import pipeline
 from sftcore.assets import DEMO_DATA, TINY_LLAMA
@@ -185,6 +187,20 @@ def test_the_key_follows_plugin_versions_and_code(builtin_host, tmp_path, monkey
     monkeypatch.setattr("sftcore.data.cache.source_digest", lambda obj: "edited")
     monkeypatch.setitem(builtin_host.registry._components["masker"], "response-only", masker)
     assert key_of(builtin_host, data) != base
+
+
+def test_the_key_covers_every_module_of_sftcore_without_a_list(tmp_path):
+    from sftcore.data.cache import package_digest
+
+    digest = package_digest.__wrapped__  # uncached: the copy changes under the test
+    copy = tmp_path / "sftcore"
+    shutil.copytree(Path(sftcore.__file__).resolve().parent, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    assert digest(copy) == package_digest()
+    (copy / "tokens.py").write_text((copy / "tokens.py").read_text() + "\n# edited\n")
+    edited = digest(copy)
+    assert edited != package_digest(), "a module outside the data path shapes rows too (tokens)"
+    (copy / "data" / "new_step.py").write_text("X = 1\n")
+    assert digest(copy) not in (edited, package_digest()), "a new module counts with no list to update"
 
 
 def damage_truncate(path):

@@ -18,7 +18,7 @@ from cli_runs import ROWS, json_lines, sft, write_jsonl
 from test_manager import FakeDist, FakeEntryPoint, Templates, use_entry_points
 
 from sftcore import IGNORE_INDEX, hookimpl
-from sftcore.boundary import plugin_callbacks
+from sftcore.host import plugin_callbacks
 from sftcore.cli import cli
 from sftcore.data.prepare import build_stage
 from sftcore.errors import PluginError, SftError, UsageError

@@ -12,6 +12,7 @@ written (read-only, full) is skipped with a warning: the run goes on without it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import json
@@ -36,8 +37,6 @@ log = logging.getLogger("sftcore.data.cache")
 FORMAT = 1  # bump when the file layout or what a key covers changes
 # Weights never shape tokenization, and hashing gigabytes would cost more than tokenizing.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".npz", ".npy")
-# sftcore's own modules that decide what a masked row holds, besides the components' modules.
-OWN_MODULES = ("sftcore.data.pipeline", "sftcore.data.prepare", "sftcore.tokens", "sftcore.data.cache", "sftcore.data.jsonstream")
 # A temporary not written to for this long is removed whoever wrote it: a writer on another
 # machine (a shared cache), of an older sftcore, or a dead one whose pid a live process reuses.
 STALE_TEMP_SECONDS = 3600
@@ -185,6 +184,18 @@ def tokenizer_digest(directory: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+@functools.lru_cache(maxsize=4)
+def package_digest(root: Path = Path(__file__).resolve().parent.parent) -> str:
+    """The digest of every module of the sftcore package: the host's code that shapes a masked row
+    (the data path, the token conventions, the checks on components' answers) is all in it, so no
+    list of modules has to be kept; editing any of them starts new entries."""
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(f"{path.relative_to(root).as_posix()}\0".encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
 def source_digest(obj: Any) -> str | None:
     """The digest of the source file defining ``obj``, so editing a plugin invalidates its entries."""
     try:
@@ -206,7 +217,6 @@ def component_identity(registry: Any, stage: str, name: str, options: Mapping[st
 
 def key_parts(host: Any, config: Mapping[str, Any], tokenizer_dir: str | os.PathLike) -> dict[str, Any]:
     """What a prepared entry depends on, for an effective run config (see `sftcore.config.effective`)."""
-    import importlib
 
     from sftcore.data.pipeline import reader_component
 
@@ -218,7 +228,7 @@ def key_parts(host: Any, config: Mapping[str, Any], tokenizer_dir: str | os.Path
     return {
         "format": FORMAT,
         "sftcore": __version__,
-        "own_code": {m: source_digest(importlib.import_module(m)) for m in OWN_MODULES},
+        "own_code": package_digest(),
         "libraries": {lib: _version(lib) for lib in ("transformers", "tokenizers")},
         "data": file_digest(config["data"]),
         "tokenizer": tokenizer_digest(tokenizer_dir),

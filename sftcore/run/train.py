@@ -264,7 +264,7 @@ def build_trainer(host, config, model, tokenizer, data, collator, curve, args, p
     from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    from sftcore.boundary import plugin_callbacks
+    from sftcore.host import plugin_callbacks
     from sftcore.run.trainer import trainer_class
 
     class RecordLoss(TrainerCallback):
