@@ -32,10 +32,12 @@ _RESERVED = re.compile(f"[{chr(_ESCAPE)}-{chr(_END - 1)}]")
 TRAIN_ON = ("assistant", "last", "all")
 
 
-def messages_of(example: Mapping[str, Any], messages_field: str, conversations_field: str) -> list[dict[str, str]]:
+def messages_of(
+    example: Mapping[str, Any], messages_field: str, conversations_field: str, *, reply: bool = True
+) -> list[dict[str, str]]:
     """The row's conversation as ``{"role", "content"}`` dicts: OpenAI ``messages`` or ShareGPT
     ``conversations`` (``from``: system/human/gpt, ``value``); a bad message is a `FieldError`
-    naming its index and key."""
+    naming its index and key. ``reply``: it must hold an assistant message to learn."""
     if messages_field in example:
         field, role_key, content_key, roles = messages_field, "role", "content", {r: r for r in ROLES}
     elif conversations_field in example:
@@ -66,7 +68,7 @@ def messages_of(example: Mapping[str, Any], messages_field: str, conversations_f
         if _RESERVED.search(content):
             raise FieldError(f"{where}.{content_key}", "holds a character in U+10F000-U+10FFFF, which sftcore reserves for template markers", reason="bad-text")
         out.append({"role": role, "content": content})
-    if not any(m["role"] == "assistant" for m in out):
+    if reply and not any(m["role"] == "assistant" for m in out):
         raise FieldError(field, "has no assistant message to learn", reason="no-reply")
     return out
 
