@@ -348,12 +348,23 @@ class CheckedReader(Checked):
         return number, row
 
 
+class CheckedAdapter(Checked):
+    entry = "apply"
+
+    def apply(self, model: Any, tokenizer: Any) -> Any:
+        trained = self.call(self.inner.apply, model, tokenizer)
+        if not hasattr(trained, "config") or not any(p.requires_grad for p in getattr(trained, "parameters", list)()):
+            raise self.wrong(f"apply() returned {kind(trained)}, not a model with a config and a parameter to train")
+        return trained
+
+
 WRAPPERS: dict[str, type[Checked]] = {
     "template": CheckedTemplate,
     "masker": CheckedMasker,
     "collator": CheckedCollator,
     "loader": CheckedLoader,
     "reader": CheckedReader,
+    "adapter": CheckedAdapter,
 }
 
 
@@ -387,5 +398,3 @@ def advice(component: Any) -> str:
     if isinstance(component, Checked):
         return fix_or_disable(vars(component)["plugin"])
     return "fix the component"
-
-

@@ -121,6 +121,20 @@ def register_data_readers(register: Register) -> None:
 
 
 @hookspec
+def register_adapters(register: Register) -> None:
+    """Register adapters (stage ``adapter``): which of the loaded model's parameters train.
+
+    :param register: as for ``register_templates``; ``factory(**options)`` returns a
+        ``sftcore.protocols.Adapter``. The host builds it before anything loads or is written,
+        so a factory refuses there, in one line, a package that is missing or a machine it cannot
+        run on; it calls ``apply(model, tokenizer)`` once, on the loader's model, before
+        training. The default, ``none``, trains every parameter.
+
+    Return value: ignored. Called on every plugin. Since 0.2.
+    """
+
+
+@hookspec
 def trainer_callbacks(config: Mapping[str, Any]) -> list[Any] | None:
     """Contribute ``transformers.TrainerCallback`` instances to a training run.
 

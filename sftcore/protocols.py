@@ -106,6 +106,23 @@ class ModelLoader(Protocol):
 
 
 @runtime_checkable
+class Adapter(Protocol):
+    def apply(self, model: Any, tokenizer: Any) -> Any:
+        """Return the model to train: ``model`` itself, changed or wrapped, whose parameters that
+        train have ``requires_grad`` and the rest not.
+
+        The run saves what the returned model's ``save_pretrained`` writes, in every checkpoint
+        and at the end: a PEFT model writes ``adapter_config.json`` and
+        ``adapter_model.safetensors``, never the base (`sft merge` folds them into it). An adapter
+        may also define ``load_options() -> dict``: options the host adds to the loader's
+        ``load`` call (``qlora``'s 4-bit ``quantization_config``).
+
+        Checked: a model with a ``config`` and at least one parameter that trains.
+        """
+        ...
+
+
+@runtime_checkable
 class DataReader(Protocol):
     suffixes: Sequence[str]
     """File suffixes this reader handles, e.g. ``(".jsonl",)``."""

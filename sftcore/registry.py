@@ -16,6 +16,7 @@ STAGES: dict[str, str] = {
     "masker": "register_maskers",
     "collator": "register_collators",
     "loader": "register_model_loaders",
+    "adapter": "register_adapters",
 }
 
 

@@ -21,7 +21,7 @@ from sftcore.cli import cli
 from sftcore.host import load_host
 
 SFT = str(Path(sys.executable).with_name("sft"))
-STAGES = {"template", "masker", "collator", "loader", "reader"}
+STAGES = {"template", "masker", "collator", "loader", "adapter", "reader"}
 BUILTINS = ["alpaca", "alpaca-output", "response-only", "full", "pad", "flash", "json", "jsonl"]
 
 

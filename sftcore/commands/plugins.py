@@ -12,7 +12,7 @@ from sftcore.commands.common import host_from
 from sftcore.options import HOST_OPTIONS, describe, signature
 from sftcore.registry import Component
 
-STAGE_ORDER = ("template", "masker", "collator", "loader", "reader")
+STAGE_ORDER = ("template", "masker", "collator", "loader", "adapter", "reader")
 HOST_NOTE = "set by sft unless given"
 
 
