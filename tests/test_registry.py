@@ -47,7 +47,7 @@ def test_every_builtin_component_is_listed(builtin_host):
 
 
 def test_every_default_resolves(builtin_host):
-    assert set(CATALOGUE.defaults) == {"template", "masker", "collator", "loader"}
+    assert set(CATALOGUE.defaults) == {"template", "masker", "collator", "loader", "adapter"}
     for stage, name in CATALOGUE.defaults.items():
         component = builtin_host.registry.get(stage, name)
         built = builtin_host.registry.build(stage, name)
@@ -62,6 +62,7 @@ def test_default_components_satisfy_their_protocols(builtin_host):
         "masker": protocols.Masker,
         "collator": protocols.Collator,
         "loader": protocols.ModelLoader,
+        "adapter": protocols.Adapter,
     }
     for stage, name in CATALOGUE.defaults.items():
         assert isinstance(builtin_host.registry.build(stage, name), expected[stage]), (stage, name)
