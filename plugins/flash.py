@@ -118,6 +118,7 @@ class FlashLoader:
                 attn_implementation=attention,
                 trust_remote_code=opts["trust_remote_code"],
                 use_safetensors=None if opts["allow_pickle"] else True,
+                quantization_config=opts.get("quantization_config"),  # an adapter's (qlora: 4 bits)
             )
         if tokenizer.pad_token_id is None:
             add_pad_token(tokenizer)

@@ -11,6 +11,7 @@ run in one line, before any model loads.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Literal
 
 from sftcore import hookimpl
@@ -74,7 +75,9 @@ class LoraAdapter:
 
         config = self.peft_config(model)
         try:
-            return get_peft_model(model, config)
+            with warnings.catch_warnings():  # PEFT asks for an attribute transformers 5 renamed, on every run
+                warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+                return get_peft_model(model, config)
         except ValueError as exc:  # a target_modules name the model does not have
             raise SftError(f"adapter '{self.name}': {' '.join(str(exc).split())}") from None
 

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sftcore.model.adapters import parameters_line
 from sftcore.run.checkpoints import write_whole
 from sftcore.run.outdir import SUMMARY_FILE
 
@@ -36,6 +37,8 @@ class Summary:
     best_eval_loss: float | None = None
     best_eval_step: int | None = None
     model_files: list[str] = field(default_factory=list)  # what the final save wrote (--overwrite removes them)
+    trainable_parameters: int = 0  # each tied tensor once; an adapter run's adapter alone trains
+    total_parameters: int = 0
 
     @classmethod
     def of(
@@ -80,6 +83,7 @@ class Summary:
             + (f"; duplicates: {self.duplicates}" if self.duplicates else ""),
             f"tokens: {self.tokens} per epoch, {self.supervised_tokens} supervised "
             f"({self.supervised_tokens / max(self.tokens, 1):.0%}); padding {self.padding_fraction:.1%} of batch positions",
+            parameters_line(self.trainable_parameters, self.total_parameters),
             f"speed: {self.tokens_per_second:,.0f} real tokens/s over {self.steps} steps in {self.seconds:.1f}s",
             f"loss: first {first}, last {last}",
             *(

@@ -57,6 +57,7 @@ def run(
 
     config = cfg.effective(user_config)
     cfg.check(config, host.registry)
+    adapter = build_stage(host, config, "adapter")  # before anything loads or is written: it may need a package
     cap_max_length(config)  # before the output check: a resumed run's saved config holds the capped length
     if resume and not config.get("output"):
         raise UsageError("--resume needs --output: the directory of the run to continue")
@@ -82,7 +83,7 @@ def run(
             data = prepare_data(host, config, progress=progress)
             held_out = eval_rows(host, config, data, progress)
         with transformers_bars(progress), builtin_model_threads(config), output_errors(output, args.ddp_find_unused_parameters):
-            return fit(host, config, data, args, started, progress, checkpoint, held_out)
+            return fit(host, config, data, args, started, progress, checkpoint, held_out, adapter)
 
 
 # What to do about the errors a run's writes meet most (a full disk, a read-only mount).
@@ -132,9 +133,11 @@ def padding_free(host: Host, config: Mapping[str, Any]) -> bool:
 
 def fit(
     host: Host, config: dict[str, Any], data: Prepared, args: Any, started: float, progress: bool,
-    checkpoint: Path | None = None, held_out: Any = None,
+    checkpoint: Path | None = None, held_out: Any = None, adapter: Any = None,
 ) -> Summary:
-    """Load the model, train on the prepared rows (from ``checkpoint`` on, if given), save (files: the main process only)."""
+    """Load the model, put the adapter on it, train on the prepared rows (from ``checkpoint`` on, if
+    given), save (files: the main process only)."""
+    from sftcore.model.adapters import parameter_counts, parameters_line
     from sftcore.run.checkpoints import logged_losses
     from sftcore.run.outdir import CONFIG_FILE, record_data
     from sftcore.run.interrupt import Diverged, MarkComplete, NoFinalCheckpoint, StopOnNonFinite, StopOnSignal, interrupted
@@ -143,13 +146,17 @@ def fit(
     main = distributed.is_main_process()
     output.mkdir(parents=True, exist_ok=True)
     loader = build_stage(host, config, "loader", packing=padding_free(host, config))
-    model, tokenizer = loader.load(model_path(config))
+    adapter = adapter or build_stage(host, config, "adapter")
+    model, tokenizer = loader.load(model_path(config), **getattr(adapter, "load_options", dict)())
     check_token_ids(model, tokenizer, data.rows, held_out)  # an id without an embedding fails mid-step otherwise
     if not data.rows:
         raise SftError(
             f"{config['data']}: no row left to train on ({data.rows_read} read; skipped {dict(data.skipped)}; "
             f"dropped {dict(data.dropped)}); check max_length and the template's field names"
         )
+    model = adapter.apply(model, tokenizer)
+    parameters = parameter_counts(model)
+    log.info("%s", parameters_line(*parameters))
     collator = BatchCounter(
         build_stage(
             host, config, "collator",
@@ -188,6 +195,7 @@ def fit(
     seconds = time.perf_counter() - started
     train_seconds = result.metrics.get("train_runtime", seconds)
     summary = Summary.of(output, data, held_out, collator, curve, int(result.global_step), train_seconds, seconds, files, model_files)
+    summary.trainable_parameters, summary.total_parameters = parameters
     if main:
         write_summary(output, summary)
     distributed.finish()
