@@ -18,6 +18,7 @@ COMMANDS = {
     "run": "train a model: data in, fine-tuned model out",
     "preview": "show the tokens a model will be trained on, masked and supervised",
     "generate": "answer an instruction with a trained model, using its training template",
+    "merge": "fold an adapter run's adapter into its base model: a plain checkpoint",
     "prepare": "tokenize and mask a data file into the on-disk cache",
     "validate": "check a run config without loading a model; report every problem",
     "plugins": "list plugins and their components; scaffold a new plugin",

@@ -117,3 +117,24 @@ def data_config(ctx: click.Context, config_file: str | None, tokenizer_path: str
     if found:
         raise UsageError("; ".join(found))
     return host, config
+
+
+def finished_run(path: str, flag: str) -> dict:
+    """The effective config of the finished `sft run` in ``path`` (given as ``flag``); refused otherwise."""
+    from pathlib import Path
+
+    from sftcore import config as cfg
+    from sftcore.errors import UsageError
+    from sftcore.run.outdir import CONFIG_FILE, SUMMARY_FILE
+
+    config_path = Path(path) / CONFIG_FILE
+    if not config_path.is_file():
+        raise UsageError(f"{path} has no {CONFIG_FILE}: pass the output directory of `sft run`")
+    # The config is saved when training starts, summary.json last, after the final weights: weights
+    # without it are a previous run's (--overwrite) or half written (a kill while saving).
+    if not (Path(path) / SUMMARY_FILE).is_file():
+        raise UsageError(
+            f"{path}: its run did not finish (no {SUMMARY_FILE}), so it holds no final model; "
+            f"continue it with `sft run --resume`, or pass another {flag}"
+        )
+    return cfg.effective(cfg.load_yaml(str(config_path)))

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import click
 
-from sftcore import config as cfg
-from sftcore.commands.common import host_from
+from sftcore.commands.common import finished_run, host_from
 from sftcore.errors import UsageError
-from sftcore.run.outdir import SUMMARY_FILE
 
 
 def prompt_for(host, run_config: dict, row: dict) -> str:
@@ -36,17 +33,7 @@ def prompt_for(host, run_config: dict, row: dict) -> str:
 @click.pass_context
 def command(ctx, model, instruction, context, row_json, max_new_tokens, temperature, seed, show_prompt, no_progress) -> None:
     """Generate a response with the template the run was trained with."""
-    config_path = Path(model) / "sft_config.yaml"
-    if not config_path.is_file():
-        raise UsageError(f"{model} has no sft_config.yaml: pass the output directory of `sft run`")
-    # The config is saved when training starts, summary.json last, after the final weights: weights
-    # without it are a previous run's (--overwrite) or half written (a kill while saving).
-    if not (Path(model) / SUMMARY_FILE).is_file():
-        raise UsageError(
-            f"{model}: its run did not finish (no {SUMMARY_FILE}), so it holds no final model; "
-            "continue it with `sft run --resume`, or pass another --model"
-        )
-    run_config = cfg.effective(cfg.load_yaml(str(config_path)))
+    run_config = finished_run(model, "--model")
     if row_json:
         try:
             row = json.loads(row_json)
@@ -64,21 +51,30 @@ def command(ctx, model, instruction, context, row_json, max_new_tokens, temperat
         click.echo(prompt)
     from sftcore.model.weights import transformers_bars
 
+    from sftcore.data.prepare import model_path
+
     with transformers_bars(not no_progress):
-        click.echo(generate(model, prompt, max_new_tokens, temperature, seed))
+        click.echo(generate(model, prompt, max_new_tokens, temperature, seed, base=model_path(run_config)))
 
 
-def generate(model_dir: str, prompt: str, max_new_tokens: int, temperature: float = 0.0, seed: int = 0) -> str:
+def generate(
+    model_dir: str, prompt: str, max_new_tokens: int, temperature: float = 0.0, seed: int = 0, base: str | None = None
+) -> str:
+    """``base``: the checkpoint an adapter run started from, which its adapter goes on."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from sftcore.model.adapters import is_adapter_dir, load_adapter_model
     from sftcore.tokens import encode_prompts
     from sftcore.model.weights import loading
 
     torch.manual_seed(seed)
     with loading("model", model_dir):
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True)
+        if base is not None and is_adapter_dir(model_dir):
+            model = load_adapter_model(model_dir, base)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True)
     model.eval()
     ids = torch.tensor([encode_prompts(tokenizer, [prompt])[0]])
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}

@@ -101,7 +101,7 @@ def load_adapter_model(run: str | os.PathLike, base: str | os.PathLike, dtype: A
     Embedding rows the run's loader added (a pad token, say) are in the adapter file; the base is
     resized to them first, since PEFT's loading cannot.
     """
-    require("peft", f"{run}, an adapter run,")
+    require("peft", f"the adapter run {run}")
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 

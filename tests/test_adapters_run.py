@@ -1,0 +1,330 @@
+"""`sft run --adapter`, `sft merge` and the commands that read an adapter run, end to end on the tiny Llama.
+
+Choosing and checking an adapter needs no PEFT; every test that trains one skips without it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from cli_runs import ROWS, forbid_model_loading, loss_points, sft, write_jsonl
+from test_resume import CtrlC, own_signal_handlers, sft_process  # noqa: F401  (a fixture)
+
+from sftcore.model.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter_model
+from sftcore.testing import make_host
+
+# Rows enough for a few steps of 2; the run every adapter test varies.
+TRAIN = ("--batch-size", "2", "--lr", "1e-2", "--seed", "0", "--no-progress")
+LORA_FILES = {ADAPTER_CONFIG, ADAPTER_WEIGHTS, "tokenizer.json", "tokenizer_config.json", "sft_config.yaml", "summary.json"}
+# The tiny Llama: 106,816 parameters (lm_head tied to the embeddings); r=8 on its 14 linear layers.
+TINY_TOTAL, LORA_TRAINABLE = 106_816, 16_384
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("rows") / "train.jsonl", ROWS * 2)
+
+
+@pytest.fixture
+def peft():
+    return pytest.importorskip("peft")
+
+
+def run(monkeypatch, model, data, output, *args, extra=None):
+    return sft(monkeypatch, "run", "--model", model, "--data", data, "--output", output, *TRAIN, *args, extra=extra)
+
+
+def error_line(result) -> str:
+    return result.stderr.strip().splitlines()[-1]
+
+
+# Chosen and checked before anything loads (no PEFT needed).
+
+
+def test_sft_plugins_lists_the_adapter_stage(monkeypatch):
+    result = sft(monkeypatch, "plugins")
+    assert result.exit_code == 0, result.output
+    table = {tuple(line.split()[:3]) for line in result.stdout.splitlines()}
+    for name, plugin in (("none", "full"), ("lora", "lora"), ("qlora", "lora")):
+        assert ("adapter", name, plugin) in table, result.stdout
+    assert "adapter lora:" in result.stdout
+    listing = result.stdout.split("adapter lora:\n", 1)[1].splitlines()
+    assert listing[0].split() == ["r", "=", "8", "int"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--adapter", "lroa"), "Error: Unknown adapter 'lroa'. Did you mean 'lora'? Available: lora, none, qlora"),
+        (("--adapter", "lora", "--adapter-opt", "r=four"), "Error: adapter 'lora' option 'r' must be int, got 'four'"),
+        (("--adapter", "lora", "--adapter-opt", "rank=4"), "Error: adapter 'lora' has no option 'rank'"),
+    ],
+)
+def test_a_bad_adapter_or_option_is_one_line_before_anything_loads(monkeypatch, tmp_path, tiny_model_dir, rows, args, message):
+    forbid_model_loading(monkeypatch)
+    result = run(monkeypatch, tiny_model_dir, rows, tmp_path / "out", *args)
+    assert result.exit_code == 2, result.output
+    assert error_line(result).startswith(message), result.stderr
+
+
+def test_a_bad_value_is_one_line_before_anything_loads(monkeypatch, tmp_path, tiny_model_dir, rows):
+    forbid_model_loading(monkeypatch)
+    result = run(monkeypatch, tiny_model_dir, rows, tmp_path / "out", "--adapter", "lora", "--adapter-opt", "r=0")
+    assert result.exit_code == 1, result.output
+    assert error_line(result) == "Error: adapter 'lora' rejected its options: r must be a positive integer, got 0"
+
+
+def test_missing_peft_is_one_line_with_the_install_command(monkeypatch, tmp_path, tiny_model_dir, rows):
+    from sftcore.model import adapters
+
+    real = adapters.importlib.util.find_spec
+    monkeypatch.setattr(adapters.importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a))
+    forbid_model_loading(monkeypatch)
+    result = run(monkeypatch, tiny_model_dir, rows, tmp_path / "out", "--adapter", "lora")
+    assert result.exit_code == 1, result.output
+    assert error_line(result) == "Error: adapter 'lora' needs the peft package, which is not installed: pip install 'sftcore[lora]'"
+    assert not (tmp_path / "out" / "sft_config.yaml").exists()
+
+
+def test_qlora_on_a_machine_without_cuda_is_one_line(monkeypatch, tmp_path, tiny_model_dir, rows):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    forbid_model_loading(monkeypatch)
+    result = run(monkeypatch, tiny_model_dir, rows, tmp_path / "out", "--adapter", "qlora")
+    assert result.exit_code == 1, result.output
+    assert error_line(result) == (
+        "Error: adapter 'qlora' loads the base in 4 bits with bitsandbytes, which needs a CUDA GPU, and this machine "
+        "has none; use --adapter lora"
+    )
+
+
+def test_the_config_file_names_the_adapter_and_validate_checks_its_options(monkeypatch, tmp_path, tiny_model_dir, rows):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: {tiny_model_dir}\ndata: {rows}\nadapter: {{name: lora, options: {{r: 4, alhpa: 8}}}}\n")
+    result = sft(monkeypatch, "validate", config)
+    assert result.exit_code == 2
+    assert "  - adapter 'lora' has no option 'alhpa'" in result.stderr
+
+
+# Training with an adapter.
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, tiny_model_dir, rows):
+    pytest.importorskip("peft")
+    output = tmp_path_factory.mktemp("lora") / "run"
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        result = run(monkeypatch, tiny_model_dir, rows, output, "--adapter", "lora", "--epochs", "4")
+    assert result.exit_code == 0, result.output
+    return output, result
+
+
+@pytest.mark.slow
+def test_an_adapter_run_saves_the_adapter_not_the_model(lora_run, tiny_model_dir):
+    from safetensors.torch import load_file
+
+    output, result = lora_run
+    files = {p.name for p in output.iterdir()}
+    assert LORA_FILES <= files, files
+    assert not {"model.safetensors", "pytorch_model.bin"} & files  # never a copy of the base
+    saved = load_file(output / ADAPTER_WEIGHTS)
+    assert saved and all(".lora_A." in k or ".lora_B." in k for k in saved)
+    summary = json.loads((output / "summary.json").read_text())
+    assert (summary["trainable_parameters"], summary["total_parameters"]) == (LORA_TRAINABLE, TINY_TOTAL + LORA_TRAINABLE)
+    assert f"parameters: {LORA_TRAINABLE:,} trainable of {TINY_TOTAL + LORA_TRAINABLE:,} (13.30%)" in result.stdout
+    assert summary["last_loss"] < summary["first_loss"] - 0.5
+    checkpoints = sorted(p for p in output.iterdir() if p.name.startswith("checkpoint-"))
+    assert all(not (c / "model.safetensors").exists() and (c / ADAPTER_WEIGHTS).is_file() for c in checkpoints)
+
+
+@pytest.mark.slow
+def test_the_base_checkpoint_is_untouched_and_the_run_reloads_with_peft(lora_run, tiny_model_dir):
+    import torch
+    from peft import AutoPeftModelForCausalLM
+
+    output, _ = lora_run
+    ids = torch.randint(3, 500, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = load_adapter_model(output, tiny_model_dir).eval()(input_ids=ids).logits
+        theirs = AutoPeftModelForCausalLM.from_pretrained(output).eval()(input_ids=ids).logits
+    assert ours.equal(theirs)
+
+
+@pytest.mark.slow
+def test_a_full_run_reports_every_parameter_trainable(monkeypatch, tmp_path, tiny_model_dir, rows):
+    result = run(monkeypatch, tiny_model_dir, rows, tmp_path / "out", "--max-steps", "1")
+    assert result.exit_code == 0, result.output
+    assert f"parameters: {TINY_TOTAL:,} trainable of {TINY_TOTAL:,} (100.00%)" in result.stdout
+    assert (tmp_path / "out" / "model.safetensors").is_file() and not (tmp_path / "out" / ADAPTER_CONFIG).exists()
+
+
+@pytest.mark.slow
+def test_merge_writes_a_plain_model_with_the_adapter_models_logits(monkeypatch, lora_run, tiny_model_dir, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    output, _ = lora_run
+    result = sft(monkeypatch, "merge", output, "--output", tmp_path / "merged")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip().splitlines()[-1] == f"merged {output} into {tmp_path / 'merged'}"
+    files = {p.name for p in (tmp_path / "merged").iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= files and ADAPTER_CONFIG not in files
+    ids = torch.randint(3, 500, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()(input_ids=ids).logits
+        adapted = load_adapter_model(output, tiny_model_dir).eval()(input_ids=ids).logits
+    assert (merged - adapted).abs().max().item() < 1e-5
+    again = sft(monkeypatch, "merge", output, "--output", tmp_path / "merged")
+    assert again.exit_code == 2
+    assert error_line(again) == f"Error: {tmp_path / 'merged'} already exists and is not an empty directory; choose another --output"
+
+
+@pytest.mark.slow
+def test_merge_refuses_a_full_run(monkeypatch, tmp_path, tiny_model_dir, rows):
+    run(monkeypatch, tiny_model_dir, rows, tmp_path / "full", "--max-steps", "1")
+    result = sft(monkeypatch, "merge", tmp_path / "full", "--output", tmp_path / "merged")
+    assert result.exit_code == 2
+    assert error_line(result) == (
+        f"Error: {tmp_path / 'full'} holds no adapter (adapter_config.json): only an adapter run can be merged"
+    )
+
+
+@pytest.mark.slow
+def test_generate_and_preview_work_on_an_adapter_run(monkeypatch, lora_run, tmp_path):
+    from sftcore.commands.generate import generate
+
+    output, _ = lora_run
+    row = ROWS[1]
+    answer = sft(monkeypatch, "generate", "--model", output, "--instruction", row["instruction"], "--input", row["input"],
+                 "--max-new-tokens", "8", "--no-progress")
+    assert answer.exit_code == 0, answer.output
+    assert sft(monkeypatch, "merge", output, "--output", tmp_path / "merged").exit_code == 0
+    prompt = make_host().registry.build("template", "alpaca").format_prompt(row)
+    assert answer.stdout.strip() == generate(str(tmp_path / "merged"), prompt, 8)  # the merged model answers the same
+    preview = sft(monkeypatch, "preview", "--config", output / "sft_config.yaml", "-n", "1", "--json")
+    assert preview.exit_code == 0, preview.output
+    assert json.loads(preview.stdout.splitlines()[0])["row"] == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "args",
+    [("--collator", "packed"), ("--loader-opt", "chunked_loss=true", "--loader-opt", "loss_chunk_tokens=7"), ("--eval-split", "0.25")],
+    ids=["packed", "chunked-loss", "held-out"],
+)
+def test_the_other_stages_keep_working_with_an_adapter(monkeypatch, tmp_path, tiny_model_dir, rows, peft, args):
+    result = run(monkeypatch, tiny_model_dir, rows, tmp_path / "out", "--adapter", "lora", "--max-steps", "6", *args)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / ADAPTER_WEIGHTS).is_file()
+    losses = [loss for _, loss in loss_points(tmp_path / "out")]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    if "--eval-split" in args:
+        assert "held-out loss (3 rows): first" in result.stdout
+
+
+@pytest.mark.slow
+def test_chunked_loss_gives_an_adapter_run_the_same_losses(monkeypatch, tmp_path, tiny_model_dir, rows, peft):
+    plain = run(monkeypatch, tiny_model_dir, rows, tmp_path / "plain", "--adapter", "lora", "--max-steps", "4")
+    chunked = run(monkeypatch, tiny_model_dir, rows, tmp_path / "chunked", "--adapter", "lora", "--max-steps", "4",
+                  "--loader-opt", "chunked_loss=true", "--loader-opt", "loss_chunk_tokens=7")
+    assert plain.exit_code == chunked.exit_code == 0, plain.output + chunked.output
+    for (_, a), (_, b) in zip(loss_points(tmp_path / "plain"), loss_points(tmp_path / "chunked")):
+        assert b == pytest.approx(a, rel=1e-5)
+
+
+# Stopped and resumed: the same losses and adapter as a run never stopped.
+
+RESUME = ("--adapter", "lora", "--adapter-opt", "dropout=0.1", "--epochs", "2", "--set", "save_steps=3")  # dropout: RNG restored too
+
+
+def assert_same_adapter_run(resumed, reference, after: int) -> None:
+    from safetensors.torch import load_file
+
+    got, want = loss_points(resumed), loss_points(reference)
+    assert [s for s, _ in got] == [s for s, _ in want]
+    for (step, a), (_, b) in zip(got, want):
+        if step > after:
+            assert a == pytest.approx(b, rel=1e-5, abs=1e-6), (step, got, want)
+    final, expected = load_file(resumed / ADAPTER_WEIGHTS), load_file(reference / ADAPTER_WEIGHTS)
+    assert final.keys() == expected.keys()
+    for name in expected:
+        assert (final[name] - expected[name]).abs().max().item() <= 1e-5, name
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_model_dir, rows):
+    pytest.importorskip("peft")
+    output = tmp_path_factory.mktemp("whole") / "run"
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        result = run(monkeypatch, tiny_model_dir, rows, output, *RESUME)
+    assert result.exit_code == 0, result.output
+    return output
+
+
+@pytest.mark.slow
+def test_ctrl_c_then_resume_ends_as_an_uninterrupted_adapter_run(
+    monkeypatch, tmp_path, tiny_model_dir, rows, uninterrupted, own_signal_handlers
+):
+    output = tmp_path / "out"
+    stopped = run(monkeypatch, tiny_model_dir, rows, output, *RESUME, extra={"ctrl_c": CtrlC(4)})
+    assert stopped.exit_code == 130, stopped.output
+    assert (output / "checkpoint-4" / ADAPTER_WEIGHTS).is_file() and (output / "checkpoint-4" / "optimizer.pt").is_file()
+    resumed = run(monkeypatch, tiny_model_dir, rows, output, *RESUME, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert_same_adapter_run(output, uninterrupted, 4)
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_ends_as_an_uninterrupted_adapter_run(monkeypatch, caplog, tmp_path, tiny_model_dir, rows, uninterrupted):
+    from sftcore.run.checkpoints import MARKER
+
+    output = tmp_path / "out"
+    args = ["run", "--model", str(tiny_model_dir), "--data", str(rows), "--output", str(output), *TRAIN, *RESUME]
+    process = sft_process(args, tmp_path, SFT_TEST_STEP_SECONDS="0.2")
+    first = output / "checkpoint-3" / MARKER
+    deadline = time.monotonic() + 300
+    while not first.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == -signal.SIGKILL, stderr[-3000:]
+    assert not (output / "summary.json").exists(), "killed before the end"
+    with caplog.at_level(logging.INFO, logger="sftcore"):
+        resumed = run(monkeypatch, tiny_model_dir, rows, output, *RESUME, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert any(m.startswith(f"resuming from {output / 'checkpoint-'}") for m in caplog.messages)
+    assert_same_adapter_run(output, uninterrupted, 3)
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_adapter_as_one(tmp_path, tiny_model_dir, rows, peft):
+    from safetensors.torch import load_file
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    common = [
+        sys.executable, "-m", "sftcore.cli", "run", "--model", str(tiny_model_dir), "--data", str(rows), "--adapter", "lora",
+        "--max-steps", "4", "--lr", "1e-2", "--seed", "0", "--no-progress", "--set", "lr_scheduler_type=constant",
+    ]
+    done = {}
+    for name, args in (("one", ["--batch-size", "4", "--grad-accum", "2"]), ("two", ["--batch-size", "2", "--grad-accum", "2", "--nproc", "2"])):
+        env["SFT_CACHE_DIR"] = str(tmp_path / f"cache-{name}")
+        done[name] = subprocess.run([*common, *args, "--output", str(tmp_path / name)], env=env, capture_output=True, text=True, timeout=600)
+        assert done[name].returncode == 0, done[name].stderr[-3000:]
+    single, double = loss_points(tmp_path / "one"), loss_points(tmp_path / "two")
+    assert [s for s, _ in single] == [s for s, _ in double] == [1, 2, 3, 4]
+    for (_, a), (_, b) in zip(single, double):
+        assert b == pytest.approx(a, rel=1e-4)
+    one, two = load_file(tmp_path / "one" / ADAPTER_WEIGHTS), load_file(tmp_path / "two" / ADAPTER_WEIGHTS)
+    assert one.keys() == two.keys()
+    for name in one:
+        assert (one[name] - two[name]).abs().max() < 1e-5, name
+    assert done["two"].stdout.count("parameters: ") == 1
