@@ -185,7 +185,14 @@ def exercise(tiny_tokenizer, tiny_model_dir, tmp_path):
         with pytest.raises(DataError):
             list(component.read(str(tmp_path / f"missing{suffix}")))
 
-    return {"template": template, "masker": masker, "collator": collator, "loader": loader, "reader": reader}
+    def adapter(component):
+        from sftcore.model.adapters import parameter_counts
+
+        model, tokenizer = builtins.registry.build("loader", "flash").load(str(tiny_model_dir))
+        trainable, total = parameter_counts(component.apply(model, tokenizer))
+        assert 0 < trainable < total
+
+    return {"template": template, "masker": masker, "collator": collator, "loader": loader, "reader": reader, "adapter": adapter}
 
 
 PROTOCOL_OF = {
@@ -194,6 +201,7 @@ PROTOCOL_OF = {
     "collator": protocols.Collator,
     "loader": protocols.ModelLoader,
     "reader": protocols.DataReader,
+    "adapter": protocols.Adapter,
 }
 
 
