@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 from sftcore import IGNORE_INDEX, RowDropped, hookimpl
+from sftcore.data.segments import mask_examples
 from sftcore.tokens import clip_text, encode_prompts, encode_texts, eos_id, special_affixes
 
 Truncation = Literal["prompt-left", "right", "drop"]
@@ -64,6 +65,14 @@ class SeparateMasker:
                 row["truncated"] = "prompt"
             out.append(row)
         return out
+
+    def segments(self, examples: Sequence[Sequence[Any]], tokenizer: Any, max_length: int) -> list[Any]:
+        """A template's segments (a conversation) as rows: each trained segment after its
+        inference prompt's ids, several sharing a row while their prompts' ids continue it; a
+        turn alone too long for ``max_length`` is cut as a prompt and response are."""
+        n_prefix = len(special_affixes(tokenizer)[0])
+        fit = lambda prompt, reply: self._one(prompt, reply, n_prefix, max_length)  # noqa: E731
+        return mask_examples(examples, tokenizer, max_length, fit, supervise_prompt=self.train_on_prompt)
 
     def _one(self, prompt: list[int], response: list[int], n_prefix: int, max_length: int) -> dict:
         truncated = None

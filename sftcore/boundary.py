@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from sftcore import IGNORE_INDEX
+from sftcore.data.segments import template_answer
 from sftcore.errors import DataError, FieldError, PluginError, RowDropped, SftError, UsageError
 
 log = logging.getLogger("sftcore.plugins")
@@ -212,14 +213,8 @@ class CheckedTemplate(Checked):
     # A template's KeyError, TypeError or ValueError is a row it cannot format: a bad row (pipeline.format_rows).
     contract_errors = (*Checked.contract_errors, KeyError, TypeError, ValueError)
 
-    def format(self, example: Mapping[str, Any]) -> tuple[str, str]:
-        result = self.call(self.inner.format, example)
-        if not isinstance(result, (tuple, list)) or len(result) != 2:
-            raise self.wrong(f"format() returned {kind(result)}, not a (prompt, response) pair of strings")
-        for part, value in zip(("prompt", "response"), result):
-            if not isinstance(value, str):
-                raise self.wrong(f"format() returned a {part} of {kind(value)}, not a string")
-        return result[0], result[1]
+    def format(self, example: Mapping[str, Any]) -> Any:
+        return template_answer(self.call(self.inner.format, example), self.wrong, kind)
 
     def format_prompt(self, example: Mapping[str, Any]) -> str:
         method = getattr(self.inner, "format_prompt", None)
@@ -239,7 +234,7 @@ class CheckedMasker(Checked):
 
     def __getattr__(self, name: str) -> Any:
         value = super().__getattr__(name)
-        if name == "batch" and callable(value):
+        if name in ("batch", "segments") and callable(value):
             return lambda *args: self.call(value, *args)
         return value
 

@@ -13,6 +13,7 @@ signature before anything heavy runs. The component protocols are in ``sftcore.p
 Host-provided options: the host passes these itself to a factory that takes an option of that
 name (or ``**kwargs``), unless the user set it (the table is `sftcore.options.HOST_OPTIONS`)::
 
+    template  tokenizer            the run's tokenizer, loaded without weights (a chat template renders with it)
     collator  pad_token_id         the loaded tokenizer's pad token id (None when it has none)
     collator  attn_implementation  the attention implementation the model loaded with
     loader    packing              True when the run's collator is padding-free
@@ -26,7 +27,7 @@ raises, calls ``sys.exit``, or runs past ``SFT_PLUGIN_TIMEOUT`` seconds (default
 limit). Anything a plugin prints while it loads and registers goes to stderr.
 
 The host checks every component's answers against its protocol (`sftcore.boundary`): a
-template's ``(prompt, response)`` strings, a reader's ``(row_number, row)`` pairs, a masker's
+template's segments or ``(prompt, response)`` strings, a reader's ``(row_number, row)`` pairs, a masker's
 int ids and labels, a collator's 2-D integer tensors, a loader's ``(model, tokenizer)``. A wrong
 answer stops the command with a one-line `sftcore.errors.PluginError` naming the component, its
 plugin and distribution.
@@ -63,9 +64,13 @@ def register_templates(register: Register) -> None:
 
     :param register: call ``register(name, factory, description=..., override=...)`` once per
         template. ``factory(**options)`` must return an object satisfying
-        ``sftcore.protocols.Template``: ``format(example) -> (prompt, response)``.
+        ``sftcore.protocols.Template``: ``format(example)`` returns a list of
+        ``sftcore.protocols.Segment`` (text, trained or not), or a ``(prompt, response)`` pair,
+        which the host reads as two segments, the response trained and followed by EOS.
 
-    Return value: ignored. Called on every plugin. Since 0.1.
+    Return value: ignored. Called on every plugin. Since 0.1; segments since 0.2 (a template
+    answering pairs needs no change; one that trains several parts of a row, a conversation's
+    turns, returns segments and is masked by the built-in maskers' ``segments()``).
     """
 
 

@@ -23,6 +23,9 @@ if TYPE_CHECKING:
 # stage -> option -> what the host passes, when the component's factory takes an option of that
 # name (or **kwargs) and the user gave none. Documented in sftcore.hookspecs and docs/plugins.md.
 HOST_OPTIONS: dict[str, dict[str, str]] = {
+    "template": {
+        "tokenizer": "the run's tokenizer, loaded without weights (a chat template renders with it)",
+    },
     "collator": {
         "pad_token_id": "the loaded tokenizer's pad token id (None when it has none)",
         "attn_implementation": "the attention implementation the model loaded with (`model.config._attn_implementation`)",

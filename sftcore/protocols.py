@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, NotRequired, Protocol, TypedDict, runtime_checkable
 
+from sftcore.data.segments import Segment
 from sftcore.errors import DataError
 
 
@@ -25,8 +26,14 @@ class Masked(TypedDict):
 
 @runtime_checkable
 class Template(Protocol):
-    def format(self, example: Mapping[str, Any]) -> tuple[str, str]:
-        """Return ``(prompt, response)`` for one data row.
+    def format(self, example: Mapping[str, Any]) -> tuple[str, str] | list[Segment]:
+        """Return ``(prompt, response)`` for one data row, or its `Segment` list (since 0.2).
+
+        Segments: ordered texts, each ``trained`` or not; a masker puts before each trained one
+        the inference prompt's ids (all the text before it, since a ``restart``, tokenized as one
+        prompt) and encodes it on its own. The ``chat`` template returns them (one untrained and
+        one trained per assistant turn); a pair reads as ``[Segment(prompt), Segment(response,
+        trained=True, eos=True)]``.
 
         ``prompt`` is exactly the text a user sends at inference (``sft generate`` formats
         with the same template). ``response`` is the text to learn, without an EOS marker:

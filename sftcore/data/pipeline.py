@@ -17,6 +17,7 @@ from typing import Any, Literal, get_args
 
 from sftcore import IGNORE_INDEX
 from sftcore.boundary import advice, building, checked, component_origin, exception_text, fix_or_disable, kind, origin_of
+from sftcore.data.segments import Outcome
 from sftcore.errors import DataError, FieldError, PluginError, RowDropped, SftError, UsageError
 from sftcore.options import option_problems
 from sftcore.registry import Registry
@@ -33,6 +34,7 @@ class Formatted:
     row: int
     prompt: str
     response: str
+    segments: tuple | None = None  # a template's `sftcore.protocols.Segment`s; prompt and response then join their texts
 
 
 @dataclass
@@ -46,6 +48,7 @@ class Prepared:
     truncated: Counter = field(default_factory=Counter)  # kept rows that were cut: prompt / response
     dropped_rows: dict[int, str] = field(default_factory=dict)  # source row -> reason
     duplicates: int = 0  # rows whose (prompt, response) an earlier row already had, kept or skipped
+    turns: Counter = field(default_factory=Counter)  # conversations: trained turns, rows split off, turns left out by reason
 
     @property
     def tokens(self) -> int:
@@ -202,9 +205,9 @@ def format_rows(
             problem = row
         else:
             try:
-                prompt, response = template.format(row)
-                if is_new(seen, number, prompt, response, path, on_duplicate, prepared):
-                    out.append(Formatted(number, prompt, response))
+                formatted = as_formatted(number, template.format(row))
+                if is_new(seen, number, formatted.prompt, formatted.response, path, on_duplicate, prepared):
+                    out.append(formatted)
                 continue
             except FieldError as exc:
                 problem = DataError(path, number, exc.field, exc.message, reason=exc.reason)
@@ -214,6 +217,14 @@ def format_rows(
             raise problem
         prepared.skipped[problem.reason] += 1
     return out
+
+
+def as_formatted(number: int, result: Any) -> Formatted:
+    """A template's answer: ``(prompt, response)`` or a list of segments (their untrained and trained texts joined)."""
+    if isinstance(result, list):
+        prompt = "".join(s.text for s in result if not s.trained)
+        return Formatted(number, prompt, "".join(s.text for s in result if s.trained), tuple(result))
+    return Formatted(number, result[0], result[1])
 
 
 def is_new(
@@ -260,7 +271,7 @@ def mask_rows(
     from sftcore.data.workers import map_in_order
 
     chunks = [items[start : start + MASK_BATCH] for start in range(0, len(items), MASK_BATCH)]
-    texts = [([i.prompt for i in chunk], [i.response for i in chunk]) for chunk in chunks]
+    texts = [([i.prompt for i in chunk], [i.response for i in chunk], [i.segments for i in chunk]) for chunk in chunks]
     origin = origin_of(masker, "masker")
     for chunk, results in zip(chunks, map_in_order(mask_texts, texts, (masker, tokenizer, max_length), workers)):
         if not isinstance(results, (list, tuple)) or len(results) != len(chunk):
@@ -268,22 +279,54 @@ def mask_rows(
             got = f"{len(results)} results" if isinstance(results, (list, tuple)) else kind(results)
             raise PluginError(f"{origin}: batch() returned {got} for {len(chunk)} rows; {advice(masker)}")
         for item, result in zip(chunk, results):
+            if isinstance(result, Outcome):
+                result = add_turns(prepared, result)
+                if not isinstance(result, RowDropped):
+                    for one in result:
+                        add_row(prepared, item, one, max_length, masker)
+                    continue
             if isinstance(result, RowDropped):
                 prepared.dropped[result.reason] += 1
                 prepared.dropped_rows[item.row] = result.reason
                 continue
-            check_masked(result, max_length, item.row, masker)
-            row = {"input_ids": list(result["input_ids"]), "labels": list(result["labels"]), "row": item.row}
-            if result.get("truncated"):
-                row["truncated"] = result["truncated"]
-                prepared.truncated[result["truncated"]] += 1
-            prepared.rows.append(row)
+            add_row(prepared, item, result, max_length, masker)
         if progress:
             progress(len(chunk))
 
 
-def mask_texts(masker: Any, tokenizer: Any, max_length: int, prompts: list[str], responses: list[str]) -> list[Any]:
-    """One batch through the masker: a masked row or the `RowDropped` it raised, per pair."""
+def add_row(prepared: Prepared, item: Formatted, result: Any, max_length: int, masker: Any) -> None:
+    check_masked(result, max_length, item.row, masker)
+    row = {"input_ids": list(result["input_ids"]), "labels": list(result["labels"]), "row": item.row}
+    if result.get("truncated"):
+        row["truncated"] = result["truncated"]
+        prepared.truncated[result["truncated"]] += 1
+    prepared.rows.append(row)
+
+
+def add_turns(prepared: Prepared, outcome: Outcome) -> list[dict] | RowDropped:
+    """Count a conversation's turns; its rows, or `RowDropped` naming why no turn could be trained."""
+    for reason in outcome.left_out:
+        prepared.turns[f"left out: {reason}"] += 1
+    if not outcome.rows:
+        return RowDropped(outcome.left_out[0] if outcome.left_out else "no-trained-turn")
+    prepared.turns["trained"] += sum(row.get("turns", 1) for row in outcome.rows)
+    prepared.turns["rows split off"] += len(outcome.rows) - 1
+    return outcome.rows
+
+
+def mask_texts(
+    masker: Any, tokenizer: Any, max_length: int, prompts: list[str], responses: list[str], segments: list | None = None
+) -> list[Any]:
+    """One batch through the masker: a masked row or the `RowDropped` it raised, per pair; for a
+    template's segments, the masker's ``segments`` answer (an `Outcome` per row)."""
+    if segments and any(s is not None for s in segments):
+        by_segments = getattr(masker, "segments", None)
+        if by_segments is None:
+            raise PluginError(
+                f"{origin_of(masker, 'masker')}: the template gives segments (a conversation), which this masker "
+                "cannot mask (it has no segments() method); use the response-only or full masker"
+            )
+        return by_segments([s or [] for s in segments], tokenizer, max_length)
     batch_fn = getattr(masker, "batch", None)
     if batch_fn is not None:
         return batch_fn(prompts, responses, tokenizer, max_length)

@@ -127,12 +127,13 @@ def resolve_max_length(config: dict[str, Any], tokenizer: Any) -> int:
 
 
 def format_data(
-    host: Host, config: Mapping[str, Any], *, limit: int | None = None, progress: bool = False
+    host: Host, config: Mapping[str, Any], *, limit: int | None = None, progress: bool = False, tokenizer: Any = None
 ) -> tuple[list[Formatted], Prepared]:
     """Read and template the rows (the first ``limit`` only, if given), with a count of rows read.
 
     Needs no model, so `sft run` does it before loading weights: a bad row in a large file
-    stops the run in seconds, not after a multi-GB checkpoint has loaded.
+    stops the run in seconds, not after a multi-GB checkpoint has loaded. ``tokenizer`` goes to
+    a template that takes one (`template_takes_tokenizer`).
     """
     from tqdm.auto import tqdm
 
@@ -145,11 +146,20 @@ def format_data(
         rows = itertools.islice(rows, limit)
     # Reading a data set of millions of rows takes a while before tokenizing starts.
     rows = tqdm(rows, desc="reading", unit="rows", disable=not progress, leave=False, mininterval=0.5)
-    template = build_stage(host, config, "template")
+    template = build_stage(host, config, "template", **({"tokenizer": tokenizer} if tokenizer is not None else {}))
     items = format_rows(
         template, rows, config["data"], row_policy(config, "on_bad_row"), prepared, row_policy(config, "on_duplicate")
     )
     return items, prepared
+
+
+def template_takes_tokenizer(host: Host, config: Mapping[str, Any]) -> bool:
+    """Whether the configured template renders with the tokenizer (a chat template), which is
+    then loaded before the rows are formatted; others format before any tokenizer loads."""
+    from sftcore.options import signature
+
+    sig = signature(host.registry.get("template", config["template"]["name"]).factory)
+    return sig is not None and "tokenizer" in sig.named
 
 
 def mask_data(
@@ -212,8 +222,9 @@ def prepare_data(host: Host, config: dict[str, Any], *, progress: bool = True, w
         data, config["max_length"] = hit
         log.info("prepared data: %d rows loaded from the cache, %s", len(data.rows), cache.entry_path(directory, key))
         return data
-    items, data = format_data(host, config, progress=progress)
-    tokenizer = load_tokenizer(host, config, tokenizer_source(config))
+    early = load_tokenizer(host, config, tokenizer_source(config)) if template_takes_tokenizer(host, config) else None
+    items, data = format_data(host, config, progress=progress, tokenizer=early)
+    tokenizer = early or load_tokenizer(host, config, tokenizer_source(config))
     config["max_length"] = resolve_max_length(config, tokenizer)
     mask_data(host, config, items, data, tokenizer, config["max_length"], progress, workers)
     cache.flatten(data)

@@ -32,6 +32,19 @@ class Segment(NamedTuple):
     left_out: str = ""
 
 
+def template_answer(result: Any, wrong: Any, kind: Any) -> Any:
+    """A template's ``format()`` answer as the host takes it: a non-empty list of `Segment`s with
+    text, or a ``(prompt, response)`` pair of strings; else ``wrong(problem)``, raised."""
+    if isinstance(result, list) and result and all(isinstance(s, Segment) and isinstance(s.text, str) for s in result):
+        return result
+    if not isinstance(result, (tuple, list)) or len(result) != 2:
+        raise wrong(f"format() returned {kind(result)}, not a (prompt, response) pair of strings or a list of segments")
+    for part, value in zip(("prompt", "response"), result):
+        if not isinstance(value, str):
+            raise wrong(f"format() returned a {part} of {kind(value)}, not a string")
+    return result[0], result[1]
+
+
 class Rendered(str):
     """Text a chat template rendered: it reads as the template wrote it, while ``coded`` holds
     the same text with the template's own markers (those that are tokens) as private sentinel
@@ -128,7 +141,7 @@ class Outcome(NamedTuple):
 
 
 def mask_examples(
-    examples: Sequence[Sequence[Segment]], tokenizer: Any, max_length: int, fit: Any
+    examples: Sequence[Sequence[Segment]], tokenizer: Any, max_length: int, fit: Any, supervise_prompt: bool = False
 ) -> list[Outcome]:
     """Each example's rows (`rows_of`), its prompts and replies encoded in one batch."""
     from sftcore.tokens import eos_id
@@ -143,14 +156,15 @@ def mask_examples(
     out, at = [], 0
     for turns, left_out in per:
         n = len(turns)
-        rows, dropped = rows_of(turns, prompts[at : at + n], replies[at : at + n], max_length, fit)
+        rows, dropped = rows_of(turns, prompts[at : at + n], replies[at : at + n], max_length, fit, supervise_prompt)
         out.append(Outcome(rows, left_out + dropped))
         at += n
     return out
 
 
 def rows_of(
-    turns: Sequence[Turn], prompt_ids: Sequence[list[int]], reply_ids: Sequence[list[int]], max_length: int, fit: Any
+    turns: Sequence[Turn], prompt_ids: Sequence[list[int]], reply_ids: Sequence[list[int]], max_length: int, fit: Any,
+    supervise_prompt: bool = False,
 ) -> tuple[list[dict], list[str]]:
     """One example's training rows from its turns' ids (``reply_ids`` with any EOS appended), and
     the reasons of the turns that fit no row.
@@ -168,7 +182,7 @@ def rows_of(
         if row is not None and len(prompt) + len(reply) <= max_length and prompt[: len(row["input_ids"])] == row["input_ids"]:
             gap = prompt[len(row["input_ids"]) :]
             row["input_ids"] += gap + reply
-            row["labels"] += [IGNORE_INDEX] * len(gap) + reply
+            row["labels"] += (gap if supervise_prompt else [IGNORE_INDEX] * len(gap)) + reply
             row["turns"] += 1
             continue
         try:
