@@ -154,6 +154,9 @@ def fit(
             f"{config['data']}: no row left to train on ({data.rows_read} read; skipped {dict(data.skipped)}; "
             f"dropped {dict(data.dropped)}); check max_length and the template's field names"
         )
+    from transformers import set_seed
+
+    set_seed(args.seed)  # an adapter's random start (LoRA's A) from the run's seed: the same run twice is the same run
     model = adapter.apply(model, tokenizer)
     parameters = parameter_counts(model)
     log.info("%s", parameters_line(*parameters))
