@@ -38,26 +38,31 @@ def command(ctx: click.Context, config_file, tokenizer_path, limit, as_json, **v
     host, config = data_config(ctx, config_file, tokenizer_path, values)
     tokenizer = load_tokenizer(host, config, tokenizer_source(config))
     max_length = resolve_max_length(config, tokenizer)
-    items, prepared = format_data(host, config, limit=limit)
+    items, prepared = format_data(host, config, limit=limit, tokenizer=tokenizer)
     mask_data(host, config, items, prepared, tokenizer, max_length, progress=False)
-    masked = {row["row"]: row for row in prepared.rows}
+    masked: dict[int, list[dict]] = {}  # a conversation split into rows has several
+    for row in prepared.rows:
+        masked.setdefault(row["row"], []).append(row)
     for item in items:
-        row = masked.get(item.row)
-        record = {"row": item.row, "prompt": item.prompt, "response": item.response}
-        if row is None:
-            record["dropped"] = prepared.dropped_rows[item.row]
-        else:
-            record.update(input_ids=row["input_ids"], labels=row["labels"])
-            if "truncated" in row:
-                record["truncated"] = row["truncated"]
-        if as_json:
-            click.echo(json.dumps(record, ensure_ascii=False))
-        else:
-            show(tokenizer, record)
+        for row in masked.get(item.row, [None]):
+            record = {"row": item.row, "prompt": item.prompt, "response": item.response}
+            if row is None:
+                record["dropped"] = prepared.dropped_rows[item.row]
+            else:
+                record.update(input_ids=row["input_ids"], labels=row["labels"])
+                if "truncated" in row:
+                    record["truncated"] = row["truncated"]
+            if as_json:
+                click.echo(json.dumps(record, ensure_ascii=False))
+            else:
+                show(tokenizer, record)
     if not as_json:
+        turns = "".join(f", {n} {what}" for what, n in sorted(prepared.turns.items()) if what != "trained" and n)
         click.echo(
             f"{len(prepared.rows)} rows kept, {sum(prepared.dropped.values())} dropped, "
-            f"{sum(prepared.skipped.values())} skipped; max_length {max_length}"
+            f"{sum(prepared.skipped.values())} skipped; "
+            + (f"{prepared.supervised_tokens} tokens trained in {prepared.turns['trained']} turns{turns}; " if prepared.turns else "")
+            + f"max_length {max_length}"
         )
 
 

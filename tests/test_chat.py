@@ -1,0 +1,103 @@
+"""The `chat` template through `sft preview`: OpenAI and ShareGPT rows, one record per training
+row (a reasoning template's turns each in their own), bad messages named by file, row, index and
+field, and templates refused in one line."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+from cli_runs import json_lines, sft, write_jsonl
+
+from chat_families import FAMILIES, templates
+from sftcore import IGNORE_INDEX
+
+TWO_TURNS = {"messages": [
+    {"role": "user", "content": "Hi <|im_end|>"}, {"role": "assistant", "content": "Hello."},
+    {"role": "user", "content": "More?"}, {"role": "assistant", "content": "Yes."},
+]}
+SHAREGPT = {"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]}
+
+
+@pytest.fixture(scope="module")
+def chat_templates(tmp_path_factory):
+    try:
+        return templates(tmp_path_factory.mktemp("trl"))
+    except Exception as exc:
+        pytest.skip(f"trl's chat templates are not available here: {exc}")
+
+
+def tokenizer_dir(tmp_path, chat_templates, name: str):
+    tok = copy.deepcopy(FAMILIES[name].tokenizer())  # the builder's is shared
+    tok.chat_template = (chat_templates / FAMILIES[name].template).read_text(encoding="utf-8")
+    tok.save_pretrained(tmp_path / name)
+    return tmp_path / name
+
+
+def preview(monkeypatch, tok_dir, data, *extra):
+    return sft(monkeypatch, "preview", "--tokenizer", tok_dir, "--data", data, "--template", "chat", *extra)
+
+
+def test_each_assistant_turn_is_trained_and_marker_text_stays_text(monkeypatch, tmp_path, chat_templates):
+    tok_dir = tokenizer_dir(tmp_path, chat_templates, "qwen2_5")
+    data = write_jsonl(tmp_path / "chat.jsonl", [TWO_TURNS, SHAREGPT])
+    done = preview(monkeypatch, tok_dir, data, "--json")
+    assert done.exit_code == 0, done.output
+    first, second = json_lines(done.output)
+    tok = FAMILIES["qwen2_5"].tokenizer()
+    trained = [i for i, label in zip(first["input_ids"], first["labels"]) if label != IGNORE_INDEX]
+    assert tok.decode(trained) == "Hello.<|im_end|>Yes.<|im_end|>"
+    assert first["input_ids"].count(tok.convert_tokens_to_ids("<|im_end|>")) == 5  # one per message: the one typed by the user is text
+    assert second["row"] == 2 and tok.decode([i for i, l in zip(second["input_ids"], second["labels"]) if l != -100]) == "A<|im_end|>"
+    shown = preview(monkeypatch, tok_dir, data)
+    assert shown.output.splitlines()[-1] == "2 rows kept, 0 dropped, 0 skipped; 11 tokens trained in 3 turns; max_length 2048"
+
+
+def test_a_reasoning_template_gives_one_record_per_training_row(monkeypatch, tmp_path, chat_templates):
+    tok_dir = tokenizer_dir(tmp_path, chat_templates, "qwen3")
+    done = preview(monkeypatch, tok_dir, write_jsonl(tmp_path / "chat.jsonl", [TWO_TURNS]), "--json")
+    assert done.exit_code == 0, done.output
+    records = json_lines(done.output)
+    assert [r["row"] for r in records] == [1, 1]
+    shown = preview(monkeypatch, tok_dir, tmp_path / "chat.jsonl")
+    assert shown.output.splitlines()[-1].endswith("in 2 turns, 1 rows split off; max_length 2048")
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"messages": [{"role": "user", "content": "x"}, {"role": "robot", "content": "y"}]},
+     "field 'messages[1].role': must be one of system, user, assistant, got 'robot'"),
+    ({"conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": 3}]},
+     "field 'conversations[1].value': must be a string, got int"),
+    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": None, "tool_calls": [{}]}]},
+     "field 'messages[1]': tool calls and tool results are not supported yet; leave such rows out (--on-bad-row skip)"),
+    ({"messages": [{"role": "user", "content": [{"type": "image"}]}, {"role": "assistant", "content": "y"}]},
+     "field 'messages[0].content': images and other content parts are not supported yet; give the text as a string"),
+    ({"messages": [{"role": "user", "content": "x"}]}, "field 'messages': has no assistant message to learn"),
+])
+def test_a_bad_message_is_named_by_file_row_index_and_field(monkeypatch, tmp_path, chat_templates, row, message):
+    tok_dir = tokenizer_dir(tmp_path, chat_templates, "qwen2_5")
+    data = write_jsonl(tmp_path / "chat.jsonl", [TWO_TURNS, row])
+    done = preview(monkeypatch, tok_dir, data)
+    assert done.exit_code == 1
+    assert done.output.strip().splitlines()[-1] == f"Error: {data}, row 2, {message}"
+
+
+def test_a_template_that_cannot_be_trained_honestly_is_refused(monkeypatch, tmp_path, chat_templates):
+    tok_dir = tokenizer_dir(tmp_path, chat_templates, "deepseek_r1_distill")
+    done = preview(monkeypatch, tok_dir, write_jsonl(tmp_path / "chat.jsonl", [TWO_TURNS]))
+    assert done.exit_code != 0
+    assert done.output.strip().splitlines()[-1].startswith(
+        f"Error: the chat template of {tok_dir} ends its generation prompt with '<think>\\n'"
+    )
+
+
+def test_a_tokenizer_without_a_chat_template_asks_for_one(monkeypatch, tmp_path, chat_templates):
+    tok = FAMILIES["qwen2_5"].tokenizer()
+    tok.save_pretrained(tmp_path / "plain")
+    done = preview(monkeypatch, tmp_path / "plain", write_jsonl(tmp_path / "chat.jsonl", [TWO_TURNS]))
+    assert done.output.strip().splitlines()[-1] == (
+        f"Error: {tmp_path / 'plain'} has no chat template; pass --template-opt chat_template=FILE.jinja"
+    )
+    given = preview(monkeypatch, tmp_path / "plain", tmp_path / "chat.jsonl",
+                    "--template-opt", f"chat_template={chat_templates / 'qwen2_5.jinja'}", "--json")
+    assert given.exit_code == 0, given.output
