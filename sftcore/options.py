@@ -142,7 +142,7 @@ def option_problems(component: Component, options: Mapping[str, Any], *, host_pr
         if key not in sig.named:
             if not sig.takes_any:
                 accepted = ", ".join(sig.named) or "no options"
-                problems.append(f"{label} has no option '{key}' (accepted: {accepted})")
+                problems.append(f"{label} has no option '{key}'.{did_you_mean(key, sig.named)} Accepted: {accepted}")
             continue
         hint = sig.hints.get(key, inspect.Parameter.empty)
         if not accepts(value, hint):

@@ -64,7 +64,7 @@ def test_sft_plugins_lists_the_adapter_stage(monkeypatch):
     [
         (("--adapter", "lroa"), "Error: Unknown adapter 'lroa'. Did you mean 'lora'? Available: lora, none, qlora"),
         (("--adapter", "lora", "--adapter-opt", "r=four"), "Error: adapter 'lora' option 'r' must be int, got 'four'"),
-        (("--adapter", "lora", "--adapter-opt", "rank=4"), "Error: adapter 'lora' has no option 'rank'"),
+        (("--adapter", "lora", "--adapter-opt", "dropuot=0.1"), "Error: adapter 'lora' has no option 'dropuot'. Did you mean 'dropout'? Accepted: r, alpha,"),
     ],
 )
 def test_a_bad_adapter_or_option_is_one_line_before_anything_loads(monkeypatch, tmp_path, tiny_model_dir, rows, args, message):
@@ -112,7 +112,7 @@ def test_the_config_file_names_the_adapter_and_validate_checks_its_options(monke
     config.write_text(f"model: {tiny_model_dir}\ndata: {rows}\nadapter: {{name: lora, options: {{r: 4, alhpa: 8}}}}\n")
     result = sft(monkeypatch, "validate", config)
     assert result.exit_code == 2
-    assert "  - adapter 'lora' has no option 'alhpa'" in result.stderr
+    assert "  - adapter 'lora' has no option 'alhpa'. Did you mean 'alpha'? Accepted: r, alpha, dropout," in result.stderr
 
 
 # Training with an adapter.

@@ -100,7 +100,7 @@ USAGE_ERRORS = [
     ),
     pytest.param(
         ("--template-opt", "instruction_fild=q"),
-        "template 'alpaca' has no option 'instruction_fild' (accepted: instruction_field, input_field, output_field, response_marker)",
+        "template 'alpaca' has no option 'instruction_fild'. Did you mean 'instruction_field'? Accepted: instruction_field, input_field, output_field, response_marker",
         id="template-option",
     ),
     pytest.param(

@@ -337,7 +337,7 @@ def test_option_problems_reports_every_problem(builtin_host):
     assert problems == [
         "masker 'response-only' option 'truncation' must be one of 'prompt-left', 'right', 'drop', got 'sideways'",
         "masker 'response-only' option 'train_on_prompt' must be bool, got 1",
-        "masker 'response-only' has no option 'bogus' (accepted: truncation, train_on_prompt)",
+        "masker 'response-only' has no option 'bogus'. Accepted: truncation, train_on_prompt",
     ]
     assert option_problems(masker, {"truncation": "right", "train_on_prompt": True}) == []
 
