@@ -41,6 +41,7 @@ import yaml
 from sftcore.data.pipeline import ROW_POLICIES, row_policy
 from sftcore.errors import UsageError
 from sftcore.host import load_catalogue
+from sftcore.model.adapters import ADAPTER_CONFIG
 from sftcore.model.weights import is_weight_file
 from sftcore.options import did_you_mean, option_problems, unknown_message
 from sftcore.registry import STAGES, Registry
@@ -342,6 +343,9 @@ def model_problems(model: str, *, weights: bool = True) -> list[str]:
     path = Path(model)
     if not path.is_dir():
         return [not_found("model directory", model)]
+    if (path / ADAPTER_CONFIG).is_file() and not (path / "config.json").is_file():
+        # An adapter run: its tokenizer is all `sft preview` reads; training needs a whole model.
+        return [f"{model} holds an adapter, not a model: train on its merged model (sft merge {model} --output DIR)"] if weights else []
     if not (path / "config.json").is_file():
         return [f"model directory {model} has no config.json: give a checkpoint saved with save_pretrained"]
     if weights and not any(path.glob("*.safetensors")) and not any(is_weight_file(p.name) for p in path.iterdir()):

@@ -199,7 +199,7 @@ def test_merge_refuses_a_full_run(monkeypatch, tmp_path, tiny_model_dir, rows):
 
 
 @pytest.mark.slow
-def test_generate_and_preview_work_on_an_adapter_run(monkeypatch, lora_run, tmp_path):
+def test_generate_and_preview_work_on_an_adapter_run(monkeypatch, lora_run, rows, tmp_path):
     from sftcore.commands.generate import generate
 
     output, _ = lora_run
@@ -210,9 +210,19 @@ def test_generate_and_preview_work_on_an_adapter_run(monkeypatch, lora_run, tmp_
     assert sft(monkeypatch, "merge", output, "--output", tmp_path / "merged").exit_code == 0
     prompt = make_host().registry.build("template", "alpaca").format_prompt(row)
     assert answer.stdout.strip() == generate(str(tmp_path / "merged"), prompt, 8)  # the merged model answers the same
-    preview = sft(monkeypatch, "preview", "--config", output / "sft_config.yaml", "-n", "1", "--json")
-    assert preview.exit_code == 0, preview.output
-    assert json.loads(preview.stdout.splitlines()[0])["row"] == 1
+    for args in (("--config", output / "sft_config.yaml"), ("--model", output, "--data", rows)):  # the run's tokenizer
+        preview = sft(monkeypatch, "preview", *args, "-n", "1", "--json")
+        assert preview.exit_code == 0, preview.output
+        assert json.loads(preview.stdout.splitlines()[0])["row"] == 1
+
+
+@pytest.mark.slow
+def test_training_on_an_adapter_run_is_told_to_merge_it_first(monkeypatch, lora_run, rows, tmp_path):
+    output, _ = lora_run
+    forbid_model_loading(monkeypatch)
+    result = run(monkeypatch, output, rows, tmp_path / "again")
+    assert result.exit_code == 2
+    assert error_line(result) == f"Error: {output} holds an adapter, not a model: train on its merged model (sft merge {output} --output DIR)"
 
 
 @pytest.mark.slow
