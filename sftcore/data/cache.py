@@ -231,6 +231,8 @@ def key_parts(host: Any, config: Mapping[str, Any], tokenizer_dir: str | os.Path
         "own_code": package_digest(),
         "libraries": {lib: _version(lib) for lib in ("transformers", "tokenizers")},
         "data": file_digest(config["data"]),
+        # A file a template reads (chat_template=FILE.jinja) decides the rows as much as the data does.
+        "template_files": {k: file_digest(v) for k, v in config["template"]["options"].items() if isinstance(v, str) and Path(v).is_file()},
         "tokenizer": tokenizer_digest(tokenizer_dir),
         "reader": reader,
         **stages,
@@ -283,6 +285,7 @@ def store(directory: str | os.PathLike, key: str, prepared: Prepared, max_length
         "truncated": dict(prepared.truncated),
         "dropped_rows": {str(k): v for k, v in prepared.dropped_rows.items()},
         "duplicates": prepared.duplicates,
+        "turns": dict(prepared.turns),
         "truncated_names": rows.truncated_names,
         "checksum": _checksum(arrays),
     }
@@ -351,6 +354,7 @@ def _read(path: Path, key: str) -> tuple[Prepared, int]:
         truncated=Counter(meta["truncated"]),
         dropped_rows={int(k): v for k, v in meta["dropped_rows"].items()},
         duplicates=int(meta.get("duplicates", 0)),
+        turns=Counter(meta.get("turns", {})),
     )
     return prepared, int(meta["max_length"])
 

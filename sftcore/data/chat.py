@@ -231,3 +231,13 @@ def _common(a: str, b: str) -> int:
             break
         n += 1
     return n
+
+
+def stop_ids(tokenizer: Any, prompt: str) -> int | list[int]:
+    """Where generation stops: EOS, and after a chat prompt the end-of-turn tokens too (Llama 3's
+    ``<|eot_id|>``, Gemma's ``<end_of_turn>``), since the template ends a reply with one."""
+    eos = tokenizer.eos_token_id
+    if not isinstance(prompt, Rendered):
+        return eos
+    added = tokenizer.get_added_vocab()
+    return list(dict.fromkeys([i for i in [eos] if i is not None] + [added[t] for t in END_TEXTS if t in added]))

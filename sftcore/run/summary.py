@@ -39,6 +39,7 @@ class Summary:
     model_files: list[str] = field(default_factory=list)  # what the final save wrote (--overwrite removes them)
     trainable_parameters: int = 0  # each tied tensor once; an adapter run's adapter alone trains
     total_parameters: int = 0
+    turns: dict[str, int] = field(default_factory=dict)  # conversations: trained, rows split off, left out: REASON
 
     @classmethod
     def of(
@@ -69,6 +70,7 @@ class Summary:
             first_eval_loss=curve.eval_points[0][1] if curve.eval_points else None,
             last_eval_loss=curve.eval_points[-1][1] if curve.eval_points else None,
             model_files=model_files,
+            turns={k: v for k, v in sorted(data.turns.items()) if v},
         )
         if curve.eval_points:
             summary.best_eval_step, summary.best_eval_loss = min(curve.eval_points, key=lambda point: point[1])
@@ -83,6 +85,7 @@ class Summary:
             + (f"; duplicates: {self.duplicates}" if self.duplicates else ""),
             f"tokens: {self.tokens} per epoch, {self.supervised_tokens} supervised "
             f"({self.supervised_tokens / max(self.tokens, 1):.0%}); padding {self.padding_fraction:.1%} of batch positions",
+            *([f"turns: {reasons(self.turns)}"] if self.turns else []),
             parameters_line(self.trainable_parameters, self.total_parameters),
             f"speed: {self.tokens_per_second:,.0f} real tokens/s over {self.steps} steps in {self.seconds:.1f}s",
             f"loss: first {first}, last {last}",
