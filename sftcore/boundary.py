@@ -349,7 +349,7 @@ class CheckedAdapter(Checked):
     def apply(self, model: Any, tokenizer: Any) -> Any:
         trained = self.call(self.inner.apply, model, tokenizer)
         if not hasattr(trained, "config") or not any(p.requires_grad for p in getattr(trained, "parameters", list)()):
-            raise self.wrong(f"apply() returned {kind(trained)}, not a model with a config and a parameter to train")
+            raise self.wrong(f"apply() returned a {type(trained).__name__} without a config or without a parameter to train")
         return trained
 
 

@@ -17,6 +17,7 @@ import pytest
 from cli_runs import ROWS, forbid_model_loading, loss_points, sft, write_jsonl
 from test_resume import CtrlC, own_signal_handlers, sft_process  # noqa: F401  (a fixture)
 
+from sftcore import hookimpl
 from sftcore.model.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter_model
 from sftcore.testing import make_host
 
@@ -338,3 +339,64 @@ def test_two_processes_train_the_adapter_as_one(tmp_path, tiny_model_dir, rows, 
     for name in one:
         assert (one[name] - two[name]).abs().max() < 1e-5, name
     assert done["two"].stdout.count("parameters: ") == 1
+
+
+# A third party's adapter, through the same hook.
+
+
+class LastBlock:
+    """Trains the last decoder block only, and asks the loader for float32."""
+
+    def load_options(self):
+        return {"dtype": "float32"}
+
+    def apply(self, model, tokenizer):
+        from sftcore.model.adapters import decoder_blocks
+
+        _, layers = decoder_blocks(model)
+        model.requires_grad_(False)
+        layers[-1].requires_grad_(True)
+        return model
+
+
+class Frozen:
+    def apply(self, model, tokenizer):
+        return model.requires_grad_(False)
+
+
+class ThirdParty:
+    @hookimpl
+    def register_adapters(self, register):
+        register("last-block", LastBlock)
+        register("frozen", Frozen)
+
+
+@pytest.mark.slow
+def test_a_third_party_adapter_trains_what_it_chose_with_its_load_options(monkeypatch, tmp_path, tiny_model_dir, rows):
+    from safetensors.torch import load_file
+
+    from sftcore_plugins.flash import FlashLoader
+
+    seen = []
+    original = FlashLoader.load
+    monkeypatch.setattr(FlashLoader, "load", lambda self, path, **options: seen.append(options) or original(self, path, **options))
+    result = run(monkeypatch, tiny_model_dir, rows, tmp_path / "out", "--adapter", "last-block", "--max-steps", "3",
+                 extra={"third": ThirdParty()})
+    assert result.exit_code == 0, result.output
+    assert seen == [{"dtype": "float32"}]
+    base, trained = load_file(tiny_model_dir / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    changed = sorted(name for name in base if not base[name].equal(trained[name]))
+    assert changed and all(name.startswith("model.layers.1.") for name in changed), changed
+    block = sum(t.numel() for name, t in base.items() if name.startswith("model.layers.1."))
+    assert f"parameters: {block:,} trainable of {TINY_TOTAL:,}" in result.stdout
+
+
+@pytest.mark.slow
+def test_an_adapter_leaving_nothing_to_train_is_one_line(monkeypatch, tmp_path, tiny_model_dir, rows):
+    result = run(monkeypatch, tiny_model_dir, rows, tmp_path / "out", "--adapter", "frozen", extra={"third": ThirdParty()})
+    assert result.exit_code == 1
+    assert error_line(result).startswith("Error: adapter 'frozen' of plugin 'third'")
+    assert error_line(result).endswith(
+        ": apply() returned a LlamaForCausalLM without a config or without a parameter to train; "
+        "fix the plugin or disable it with SFT_DISABLE_PLUGINS=third"
+    )
