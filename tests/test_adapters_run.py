@@ -400,3 +400,29 @@ def test_an_adapter_leaving_nothing_to_train_is_one_line(monkeypatch, tmp_path, 
         ": apply() returned a LlamaForCausalLM without a config or without a parameter to train; "
         "fix the plugin or disable it with SFT_DISABLE_PLUGINS=third"
     )
+
+
+@pytest.mark.slow
+def test_a_pad_token_the_loader_added_is_saved_with_the_adapter(monkeypatch, tmp_path, toks, checkpoint_for, rows, peft):
+    """A checkpoint without a pad token gets a new one, and embedding rows for it: the adapter file
+    must carry them, or the model `sft generate` and `sft merge` rebuild is another one."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sftcore.model.adapters import saved_embedding_rows
+
+    base = checkpoint_for(toks.gpt2())
+    base_rows = AutoModelForCausalLM.from_pretrained(base).get_input_embeddings().weight.shape[0]
+    output = tmp_path / "run"
+    result = run(monkeypatch, base, rows, output, "--adapter", "lora", "--max-steps", "3")
+    assert result.exit_code == 0, result.output
+    adapted = load_adapter_model(output, base).eval()
+    rows_saved = saved_embedding_rows(output, adapted.get_base_model())
+    assert rows_saved is not None and rows_saved > base_rows and rows_saved % 64 == 0
+    assert sft(monkeypatch, "merge", output, "--output", tmp_path / "merged").exit_code == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    ids = torch.tensor([[1, 2, 3, rows_saved - 1]])  # the last row: one the loader added
+    with torch.no_grad():
+        assert (merged(input_ids=ids).logits - adapted(input_ids=ids).logits).abs().max().item() < 1e-5
+    answer = sft(monkeypatch, "generate", "--model", output, "--instruction", "Say hello.", "--max-new-tokens", "4", "--no-progress")
+    assert answer.exit_code == 0, answer.output
