@@ -146,7 +146,12 @@ def plugin_label(plugin: str, distribution: str | None = None, version: str | No
 
 def fix_or_disable(plugin: str) -> str:
     """What a message about a plugin's failure tells the user to do."""
-    return f"fix the plugin or disable it with SFT_DISABLE_PLUGINS={plugin}"
+    return f"fix the plugin or {disable_hint(plugin)}"
+
+
+def disable_hint(plugin: str, *, flag: bool = False) -> str:
+    """How to leave a plugin out: ``disable it with SFT_DISABLE_PLUGINS=NAME`` (and the CLI flag)."""
+    return f"disable it with SFT_DISABLE_PLUGINS={plugin}" + (f" or --disable-plugin {plugin}" if flag else "")
 
 
 def component_origin(component: Any) -> str:

@@ -52,10 +52,9 @@ from sftcore.run.arguments import (
     typed,
 )
 
-TOP_KEYS = {
-    "model", "data", "eval_data", "eval_split", "output", "max_length", "on_bad_row", "on_duplicate", "cache_dir",
-    "training", *STAGES,
-}
+# The top-level keys that hold one value, each also a flag of `sft run` (--eval-data for eval_data).
+SCALAR_KEYS = ("model", "data", "eval_data", "eval_split", "output", "max_length", "on_bad_row", "on_duplicate", "cache_dir")
+TOP_KEYS = {*SCALAR_KEYS, "training", *STAGES}
 # `sft run`'s training flags, which a config file may give at its top level by the same names.
 FLAG_TO_TRAINING = {
     "epochs": "num_train_epochs",
@@ -66,7 +65,6 @@ FLAG_TO_TRAINING = {
     "max_steps": "max_steps",
 }
 PATH_KEYS = ("model", "data", "eval_data", "output", "cache_dir")
-# Options the host supplies itself, so a factory may require them without the user passing them.
 
 
 def load_yaml(path: str) -> dict[str, Any]:

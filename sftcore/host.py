@@ -29,7 +29,7 @@ import yaml
 import sftcore
 from sftcore import hookspecs
 from sftcore.boundary import (
-    TIMEOUT_VARIABLE, PluginTimeout, exception_text, fix_or_disable, kind, plugin_code, plugin_label, plugin_timeout,
+    TIMEOUT_VARIABLE, PluginTimeout, disable_hint, exception_text, fix_or_disable, kind, plugin_code, plugin_label, plugin_timeout,
 )
 from sftcore.errors import PluginError
 from sftcore.registry import STAGES, Component, Registry
@@ -152,7 +152,7 @@ def load_host(
             host.blocked.append(name)
             return
         label = plugin_label(name, info.distribution, info.version)
-        how = f"disable it with SFT_DISABLE_PLUGINS={name} or --disable-plugin {name}"
+        how = disable_hint(name, flag=True)
         if host.trace:  # before the import: a plugin that hangs there is named
             print(f"sft trace: loading plugin {label}", file=sys.stderr)
         before = set(sys.modules)

@@ -58,10 +58,19 @@ def make_host(*plugins: object, builtins: bool = True, **named: object) -> Host:
 def sft_host(monkeypatch: pytest.MonkeyPatch):
     """Factory: ``sft_host(*plugins, builtins=True, **named) -> Host`` (see ``make_host``).
 
-    ``SFT_DISABLE_PLUGINS`` from the calling shell is cleared, so the host is the same everywhere.
+    The plugin environment variables of the calling shell are cleared (`clear_plugin_env`), so the
+    host is the same everywhere.
     """
-    monkeypatch.delenv("SFT_DISABLE_PLUGINS", raising=False)
+    clear_plugin_env(monkeypatch)
     return make_host
+
+
+def clear_plugin_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unset every variable that changes which plugins load and how (`sftcore.host.PLUGIN_ENV`)."""
+    from sftcore.host import PLUGIN_ENV
+
+    for var in PLUGIN_ENV:
+        monkeypatch.delenv(var, raising=False)
 
 
 @pytest.fixture(scope="session")

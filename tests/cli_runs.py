@@ -19,7 +19,8 @@ from pathlib import Path
 from click.testing import CliRunner, Result
 
 from sftcore.cli import cli
-from sftcore.host import PLUGIN_ENV, load_host
+from sftcore.host import load_host
+from sftcore.testing import clear_plugin_env
 
 SFT = str(Path(sys.executable).with_name("sft"))
 # In-process runs cache here, never in the user's ~/.cache/sftcore.
@@ -40,8 +41,7 @@ LONG_ROW = {"instruction": "Repeat the word.", "input": "", "output": " ".join([
 
 def sft(monkeypatch, *args: object, extra: dict | None = None) -> Result:
     """``sft ARGS`` in-process; ``extra`` adds plugins ``{name: plugin}`` next to the built-ins."""
-    for var in PLUGIN_ENV:
-        monkeypatch.delenv(var, raising=False)
+    clear_plugin_env(monkeypatch)
     monkeypatch.setenv("SFT_CACHE_DIR", CACHE)
     monkeypatch.setattr("sftcore.commands.common.load_host", functools.partial(load_host, entry_points=False, extra=extra))
     return CliRunner().invoke(cli, [str(a) for a in args], prog_name="sft", catch_exceptions=False)

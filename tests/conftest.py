@@ -18,6 +18,7 @@ import pytest
 import toy_tokenizers  # tests/ leads sys.path under pytest
 
 from sftcore.host import PLUGIN_ENV
+from sftcore.testing import clear_plugin_env
 
 
 
@@ -28,20 +29,17 @@ def toks():
 
 
 @pytest.fixture
-def builtin_host(monkeypatch):
-    """A host with sftcore's own plugins only, unaffected by the caller's SFT_* variables."""
-    from sftcore.host import load_host
-
-    for var in PLUGIN_ENV:
-        monkeypatch.delenv(var, raising=False)
-    return load_host(entry_points=False)
+def clean_plugin_env(monkeypatch):
+    clear_plugin_env(monkeypatch)
+    return monkeypatch
 
 
 @pytest.fixture
-def clean_plugin_env(monkeypatch):
-    for var in PLUGIN_ENV:
-        monkeypatch.delenv(var, raising=False)
-    return monkeypatch
+def builtin_host(clean_plugin_env):
+    """A host with sftcore's own plugins only, unaffected by the caller's SFT_* variables."""
+    from sftcore.host import load_host
+
+    return load_host(entry_points=False)
 
 
 def save_checkpoint(tokenizer, path: Path, *, max_position_embeddings: int = 256) -> Path:

@@ -122,8 +122,8 @@ NO_TORCH = textwrap.dedent(
     """
     import functools, sys
     import sftcore.commands.common as common
-    import sftcore.host as manager
-    common.load_host = functools.partial(manager.load_host, entry_points=False)
+    import sftcore.host as host_module
+    common.load_host = functools.partial(host_module.load_host, entry_points=False)
     from sftcore.cli import cli
     code = cli.main({args!r}, prog_name="sft", standalone_mode=False)
     heavy = sorted(m for m in ("torch", "transformers", "tokenizers", "numpy") if m in sys.modules)

@@ -177,12 +177,12 @@ def test_validate_accepts_the_demo_and_rejects_broken_yaml(monkeypatch, tmp_path
 
 
 def test_the_demo_names_the_model_the_run_builds():
-    from sftcore.data import prepare as dataprep
+    from sftcore.data import prepare
     from sftcore.assets import BUILTIN_MODEL, TINY_LLAMA
 
     demo = cfg.effective({})
-    assert demo["model"] == BUILTIN_MODEL == dataprep.BUILTIN_MODEL
-    assert dataprep.tokenizer_source(demo) == str(TINY_LLAMA), "the built-in tokenizer, no weights made"
+    assert demo["model"] == BUILTIN_MODEL == prepare.BUILTIN_MODEL
+    assert prepare.tokenizer_source(demo) == str(TINY_LLAMA), "the built-in tokenizer, no weights made"
 
 
 def test_commands_lay_flags_over_the_config_one_way():

@@ -41,7 +41,9 @@ def module_level_imports(path: Path, name: str, known: set[str]) -> set[str]:
         for node in statements:
             if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
                 continue
-            if isinstance(node, (ast.If, ast.Try)):
+            if isinstance(node, ast.With):
+                visit(node.body)
+            elif isinstance(node, (ast.If, ast.Try)):
                 visit(node.body + node.orelse + getattr(node, "finalbody", []))
                 for handler in getattr(node, "handlers", []):
                     visit(handler.body)
@@ -76,27 +78,33 @@ def test_no_module_is_over_400_lines(name):
     assert lines <= MAX_LINES, f"{name} has {lines} lines; split it"
 
 
-def test_no_import_circle_at_module_level():
-    found = modules()
-    graph = {name: module_level_imports(path, name, set(found)) for name, path in found.items()}
+def find_circle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import circle of ``graph`` (module -> the modules it imports), or None."""
     state: dict[str, int] = {}  # 1: on the current path, 2: done
     path: list[str] = []
 
-    def walk(node: str) -> None:
+    def walk(node: str) -> list[str] | None:
         state[node] = 1
         path.append(node)
-        for target in sorted(graph[node]):
+        for target in sorted(graph.get(node, ())):
             if state.get(target) == 1:
-                circle = path[path.index(target):] + [target]
-                pytest.fail("import circle at module level: " + " -> ".join(circle))
-            if target not in state:
-                walk(target)
+                return path[path.index(target):] + [target]
+            if target not in state and (circle := walk(target)):
+                return circle
         path.pop()
         state[node] = 2
+        return None
 
     for name in sorted(graph):
-        if name not in state:
-            walk(name)
+        if name not in state and (circle := walk(name)):
+            return circle
+    return None
+
+
+def test_no_import_circle_at_module_level():
+    found = modules()
+    circle = find_circle({name: module_level_imports(path, name, set(found)) for name, path in found.items()})
+    assert circle is None, "import circle at module level: " + " -> ".join(circle or [])
 
 
 def test_the_circle_check_sees_a_circle(tmp_path):
@@ -107,6 +115,8 @@ def test_the_circle_check_sees_a_circle(tmp_path):
     known = {"sftcore", "sftcore.a", "sftcore.b", "sftcore.c"}
     assert module_level_imports(a, "sftcore.a", known) == {"sftcore", "sftcore.b"}
     assert module_level_imports(b, "sftcore.b", known) == {"sftcore", "sftcore.a"}
+    assert find_circle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_circle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
 
 
 def test_the_public_names_plugin_authors_import_still_work():
@@ -123,3 +133,16 @@ def test_every_host_provided_option_is_documented(stage, option):
     assert any(line.split()[:2] == [stage, option] for line in hookspecs.splitlines()), f"{stage} {option} in hookspecs.py"
     docs = (ROOT / "docs" / "plugins.md").read_text(encoding="utf-8")
     assert f"| {stage} | `{option}` |" in docs, f"{stage} {option} in docs/plugins.md"
+
+
+def test_the_layout_section_of_the_plugin_docs_names_every_module():
+    docs = (ROOT / "docs" / "plugins.md").read_text(encoding="utf-8")
+    section = docs[docs.index("## How sftcore is laid out"):]
+    block = section[section.index("```"):section.index("```", section.index("```") + 3)]
+    named = set(block.split())
+    missing = sorted(
+        str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
+        if p.name != "__init__.py" and p.name not in named and p.parent.name != "commands"  # one per subcommand
+    )
+    missing += sorted(f"{d.name}/" for d in PACKAGE.iterdir() if (d / "__init__.py").is_file() and f"{d.name}/" not in named)
+    assert not missing, f"docs/plugins.md, 'How sftcore is laid out', does not name: {missing}"

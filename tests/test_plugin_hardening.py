@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from cli_runs import ROWS, json_lines, sft, write_jsonl
-from test_manager import FakeDist, FakeEntryPoint, Templates, use_entry_points
+from test_host import FakeDist, FakeEntryPoint, Templates, use_entry_points
 
 from sftcore import IGNORE_INDEX, hookimpl
 from sftcore.host import plugin_callbacks

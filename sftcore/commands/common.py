@@ -80,7 +80,7 @@ def config_from_cli(config_file: str | None, values: dict, sets: tuple[str, ...]
     from sftcore import config as cfg
 
     config = cfg.read(config_file) if config_file else {}
-    for key in ("model", "data", "eval_data", "eval_split", "output", "max_length", "on_bad_row", "on_duplicate", "cache_dir"):
+    for key in cfg.SCALAR_KEYS:
         if values.get(key) is not None:
             config[key] = values[key]
     for stage in STAGES:

@@ -1,6 +1,7 @@
-"""Which weight files sftcore loads: safetensors, never a pickle unless the user says so.
+"""Loading a checkpoint's files: which weight files load, the tokenizer's JSON files checked, and
+transformers' own loading reports and bars kept in line.
 
-A pickle (``pytorch_model.bin``, ``*.pt``) can run arbitrary code while it loads. transformers
+Weights: safetensors, never a pickle unless the user says so. A pickle (``pytorch_model.bin``, ``*.pt``) can run arbitrary code while it loads. transformers
 loads them with ``weights_only=True`` today, but that guard has had escapes; safetensors holds
 tensors and nothing else. A checkpoint directory with pickles only is refused with a message
 saying how to convert it, or how to opt in.

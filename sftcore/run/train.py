@@ -51,7 +51,7 @@ def run(
     """Train with the Hugging Face Trainer; save weights, tokenizer, state, config and summary.
 
     ``resume`` continues the run in the output directory from its newest complete checkpoint;
-    ``overwrite`` replaces the run there (see `sftcore.run.checkpoints`).
+    ``overwrite`` replaces the run there (see `sftcore.run.outdir`).
     """
     from sftcore.run.outdir import take
 

@@ -10,7 +10,7 @@ import pytest
 import sft_plugin_chatml
 from sftcore import IGNORE_INDEX
 from sftcore.errors import FieldError, UsageError
-from sftcore.registry import option_problems
+from sftcore.options import option_problems
 from sftcore.testing import check_mask_invariants
 
 CHAT = Path(__file__).resolve().parent.parent / "data" / "chat.jsonl"
