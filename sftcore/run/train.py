@@ -15,7 +15,8 @@ from sftcore import config as cfg
 from sftcore.run import distributed
 from sftcore.errors import SftError, UsageError, one_line
 from sftcore.host import Host
-from sftcore.data.prepare import BUILTIN_MODEL, build_stage, cap_max_length, eval_rows, model_path, prepare_data
+from sftcore.assets import BUILTIN_MODEL
+from sftcore.data.prepare import build_stage, cap_max_length, eval_rows, model_path, prepare_data
 from sftcore.data.pipeline import Prepared
 from sftcore.run.stats import BatchCounter, LossCurve
 from sftcore.run.summary import Summary, write_summary
