@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 from sftcore import IGNORE_INDEX, RowDropped, hookimpl
-from sftcore.data.segments import mask_examples
+from sftcore.data.segments import mask_examples, pair_of
 from sftcore.tokens import clip_text, encode_prompts, encode_texts, eos_id, special_affixes
 
 Truncation = Literal["prompt-left", "right", "drop"]
@@ -67,12 +67,22 @@ class SeparateMasker:
         return out
 
     def segments(self, examples: Sequence[Sequence[Any]], tokenizer: Any, max_length: int) -> list[Any]:
-        """A template's segments (a conversation) as rows: each trained segment after its
-        inference prompt's ids, several sharing a row while their prompts' ids continue it; a
-        turn alone too long for ``max_length`` is cut as a prompt and response are."""
-        n_prefix = len(special_affixes(tokenizer)[0])
-        fit = lambda prompt, reply: self._one(prompt, reply, n_prefix, max_length)  # noqa: E731
-        return mask_examples(examples, tokenizer, max_length, fit, supervise_prompt=self.train_on_prompt)
+        """Each row's segments masked: a pair as `batch` masks it; a conversation's (an `Outcome`)
+        each trained segment after its inference prompt's ids, several sharing a row while their
+        prompts' ids continue it, a turn alone too long for ``max_length`` cut as a pair is."""
+        pairs = [pair_of(segments) for segments in examples]
+        out: list[Any] = [None] * len(examples)
+        simple = [i for i, pair in enumerate(pairs) if pair is not None]
+        for i, result in zip(simple, self.batch([pairs[i][0] for i in simple], [pairs[i][1] for i in simple], tokenizer, max_length)):
+            out[i] = result
+        talks = [i for i, pair in enumerate(pairs) if pair is None]
+        if talks:
+            n_prefix = len(special_affixes(tokenizer)[0])
+            fit = lambda prompt, reply: self._one(prompt, reply, n_prefix, max_length)  # noqa: E731
+            masked = mask_examples([examples[i] for i in talks], tokenizer, max_length, fit, supervise_prompt=self.train_on_prompt)
+            for i, outcome in zip(talks, masked):
+                out[i] = outcome
+        return out
 
     def _one(self, prompt: list[int], response: list[int], n_prefix: int, max_length: int) -> dict:
         truncated = None

@@ -17,7 +17,7 @@ from typing import Any, Literal, get_args
 
 from sftcore import IGNORE_INDEX
 from sftcore.boundary import advice, building, checked, component_origin, exception_text, fix_or_disable, kind, origin_of
-from sftcore.data.segments import Outcome
+from sftcore.data.segments import Outcome, as_segments, join, pair_of
 from sftcore.errors import DataError, FieldError, PluginError, RowDropped, SftError, UsageError
 from sftcore.options import option_problems
 from sftcore.registry import Registry
@@ -220,11 +220,13 @@ def format_rows(
 
 
 def as_formatted(number: int, result: Any) -> Formatted:
-    """A template's answer: ``(prompt, response)`` or a list of segments (their untrained and trained texts joined)."""
-    if isinstance(result, list):
-        prompt = "".join(s.text for s in result if not s.trained)
-        return Formatted(number, prompt, "".join(s.text for s in result if s.trained), tuple(result))
-    return Formatted(number, result[0], result[1])
+    """A template's answer as segments, with its prompt and response (a conversation's untrained
+    and trained texts, joined, which duplicates are found by)."""
+    segments = as_segments(result)
+    pair = pair_of(segments)
+    if pair is None:
+        pair = join([s.text for s in segments if not s.trained]), join([s.text for s in segments if s.trained])
+    return Formatted(number, pair[0], pair[1], tuple(segments))
 
 
 def is_new(
@@ -317,16 +319,17 @@ def add_turns(prepared: Prepared, outcome: Outcome) -> list[dict] | RowDropped:
 def mask_texts(
     masker: Any, tokenizer: Any, max_length: int, prompts: list[str], responses: list[str], segments: list | None = None
 ) -> list[Any]:
-    """One batch through the masker: a masked row or the `RowDropped` it raised, per pair; for a
-    template's segments, the masker's ``segments`` answer (an `Outcome` per row)."""
-    if segments and any(s is not None for s in segments):
-        by_segments = getattr(masker, "segments", None)
-        if by_segments is None:
-            raise PluginError(
-                f"{origin_of(masker, 'masker')}: the template gives segments (a conversation), which this masker "
-                "cannot mask (it has no segments() method); use the response-only or full masker"
-            )
-        return by_segments([s or [] for s in segments], tokenizer, max_length)
+    """One batch through the masker: its ``segments()`` answer per row (a masked row, `RowDropped`
+    or a conversation's `Outcome`); a masker without one gets rows shaped as pairs as (prompt, response)."""
+    by_segments = getattr(masker, "segments", None)
+    segments = [s if s else as_segments((p, r)) for s, p, r in zip(segments or [None] * len(prompts), prompts, responses)]
+    if by_segments is not None:
+        return by_segments(segments, tokenizer, max_length)
+    if not all(pair_of(s) for s in segments):
+        raise PluginError(
+            f"{origin_of(masker, 'masker')}: the template gives segments (a conversation), which this masker "
+            "cannot mask (it has no segments() method); use the response-only or full masker"
+        )
     batch_fn = getattr(masker, "batch", None)
     if batch_fn is not None:
         return batch_fn(prompts, responses, tokenizer, max_length)

@@ -45,6 +45,23 @@ def template_answer(result: Any, wrong: Any, kind: Any) -> Any:
     return result[0], result[1]
 
 
+def as_segments(result: Any) -> list[Segment]:
+    """A template's answer as segments: a ``(prompt, response)`` pair is the prompt untrained, then
+    the response trained and followed by EOS."""
+    if isinstance(result, list):
+        return result
+    return [Segment(result[0]), Segment(result[1], trained=True, eos=True)]
+
+
+def pair_of(segments: Sequence[Segment]) -> tuple[str, str] | None:
+    """``(prompt, response)`` of segments shaped as a pair (`as_segments`), else None."""
+    if len(segments) != 2:
+        return None
+    prompt, response = segments
+    plain = not (prompt.trained or prompt.eos or prompt.left_out or response.restart or response.left_out)
+    return (prompt.text, response.text) if plain and response.trained and response.eos else None
+
+
 class Rendered(str):
     """Text a chat template rendered: it reads as the template wrote it, while ``coded`` holds
     the same text with the template's own markers (those that are tokens) as private sentinel
