@@ -229,13 +229,22 @@ def test_training_on_an_adapter_run_is_told_to_merge_it_first(monkeypatch, lora_
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "args",
-    [("--collator", "packed"), ("--loader-opt", "chunked_loss=true", "--loader-opt", "loss_chunk_tokens=7"), ("--eval-split", "0.25")],
-    ids=["packed", "chunked-loss", "held-out"],
+    [
+        ("--collator", "packed"),
+        ("--loader-opt", "chunked_loss=true", "--loader-opt", "loss_chunk_tokens=7"),
+        ("--eval-split", "0.25"),
+        ("--set", "gradient_checkpointing=true", "--set", "gradient_checkpointing_kwargs={use_reentrant: true}"),
+    ],
+    ids=["packed", "chunked-loss", "held-out", "checkpointing"],
 )
 def test_the_other_stages_keep_working_with_an_adapter(monkeypatch, tmp_path, tiny_model_dir, rows, peft, args):
+    from safetensors.torch import load_file
+
     result = run(monkeypatch, tiny_model_dir, rows, tmp_path / "out", "--adapter", "lora", "--max-steps", "6", *args)
     assert result.exit_code == 0, result.output
-    assert (tmp_path / "out" / ADAPTER_WEIGHTS).is_file()
+    saved = load_file(tmp_path / "out" / ADAPTER_WEIGHTS)
+    lora_b = [t for name, t in saved.items() if ".lora_B." in name]
+    assert lora_b and all(t.abs().sum() > 0 for t in lora_b)  # they start at zero: every adapter got gradients
     losses = [loss for _, loss in loss_points(tmp_path / "out")]
     assert len(losses) == 6 and losses[-1] < losses[0]
     if "--eval-split" in args:
