@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from sftcore import IGNORE_INDEX, RowDropped
+from sftcore.data.segments import as_segments, pair_of
 from sftcore.tokens import encode_prompts, encode_texts, eos_id
 
 if TYPE_CHECKING:
@@ -116,6 +117,13 @@ def check_mask_invariants(
       prompt, or on earlier assistant turns that sit in the prompt);
     * a masker's ``batch`` returns what calling it row by row does.
 
+    A template that answers with a conversation's segments (``sftcore.protocols.Segment``, more
+    than a pair) is masked by the masker's ``segments()``; for each training row and each trained
+    turn in it, the ids before the turn are its inference prompt's
+    (``sftcore.data.segments.encode_prompt_texts`` of the text before it), its ids are its own
+    encoding (and EOS where the segment says so), all supervised, and nothing else is (unless
+    ``supervise_prompt``); every trained turn is in a row, unless the masker left some out.
+
     A row the masker drops with ``RowDropped`` passes, and is named in the message of any
     failure; a call with no rows, or in which every row is dropped, fails: it checked nothing.
     """
@@ -125,10 +133,18 @@ def check_mask_invariants(
     dropped: dict[str, list[int]] = {}  # reason -> rows
     pairs: list[tuple[int, str, str]] = []
     singles: list[Any] = []
+    conversations = 0  # conversations that kept a row
     for index, row in enumerate(rows):
         where = f"row {index}"
         try:
-            prompt, response = template.format(row)
+            segments = as_segments(template.format(row))
+            pair = pair_of(segments)
+            if pair is None:
+                found, kept = _conversation_problems(masker, tokenizer, segments, max_length, supervise_prompt)
+                problems += [f"{where}: {problem}" for problem in found]
+                conversations += kept
+                continue
+            prompt, response = pair
             inference = template.format_prompt(row)
         except Exception as exc:
             problems.append(f"{where}: the template raised {type(exc).__name__}: {exc}")
@@ -165,7 +181,7 @@ def check_mask_invariants(
     n_dropped = sum(len(indices) for indices in dropped.values())
     if not rows:
         problems.append("no rows were given, so nothing was checked")
-    elif pairs and n_dropped == len(pairs):
+    elif pairs and n_dropped == len(pairs) and not conversations:
         problems.append("every row was dropped, so nothing was checked")
     if problems:
         header = f"{len(problems)} mask invariant(s) broken in {len(rows)} rows"
@@ -242,6 +258,56 @@ def _row_problems(
         if not ids or ids[-1] != eos or labels[-1] != eos:
             problems.append(f"the row does not end with a supervised EOS (id {eos}); it ends {_show(tokenizer, ids[-3:])}")
     return problems
+
+
+def _conversation_problems(
+    masker: Any, tokenizer: Any, segments: list, max_length: int, supervise_prompt: bool
+) -> tuple[list[str], int]:
+    """What is wrong with one conversation's rows, and 1 when it kept one (else 0)."""
+    from sftcore.data.segments import Outcome, encode_any, encode_prompt_texts, turns_of
+
+    if getattr(masker, "segments", None) is None:
+        return ["the template answers with a conversation's segments, which a masker without segments() cannot mask"], 0
+    [outcome] = masker.segments([segments], tokenizer, max_length)
+    if not isinstance(outcome, Outcome):
+        return ([] if isinstance(outcome, RowDropped) else [f"segments() gave {type(outcome).__name__}, not an Outcome"]), 0
+    turns, _ = turns_of(segments)
+    prompts = encode_prompt_texts(tokenizer, [t.prompt for t in turns])
+    replies = [ids + ([eos_id(tokenizer)] if t.eos else []) for t, ids in zip(turns, encode_any(tokenizer, [t.reply for t in turns]))]
+    problems, k = [], 0
+    for n, row in enumerate(outcome.rows):
+        ids, labels = list(row["input_ids"]), list(row["labels"])
+        if len(ids) != len(labels) or len(ids) > max_length:
+            problems.append(f"training row {n}: {len(ids)} input_ids, {len(labels)} labels, max_length {max_length}")
+            continue
+        if any(label != IGNORE_INDEX and label != token for token, label in zip(ids, labels)):
+            problems.append(f"training row {n}: a supervised label differs from the input id there")
+        if supervise_prompt or outcome.left_out:
+            continue  # turns are told apart by their masked prompts; none here, or some left out
+        for start, end in _runs(labels):
+            if k >= len(turns):
+                problems.append(f"training row {n}: more supervised runs than trained turns ({len(turns)})")
+                break
+            if not row.get("truncated") and ids[:start] != prompts[k]:
+                problems.append(f"turn {k}: the ids before it are not its inference prompt's, first differing at {_first_difference(ids, prompts[k])}")
+            if ids[start:end] != (replies[k][: end - start] if row.get("truncated") == "response" else replies[k]):
+                problems.append(f"turn {k}: its supervised ids are not its own encoding: {_show(tokenizer, ids[start:end][:8])}")
+            k += 1
+    if not supervise_prompt and not outcome.left_out and k != len(turns):
+        problems.append(f"{k} of {len(turns)} trained turns are in the rows")
+    return problems, int(bool(outcome.rows))
+
+
+def _runs(labels: list[int]) -> list[tuple[int, int]]:
+    """``(start, end)`` of each run of supervised labels."""
+    runs, start = [], None
+    for i, label in enumerate([*labels, IGNORE_INDEX]):
+        if label != IGNORE_INDEX and start is None:
+            start = i
+        elif label == IGNORE_INDEX and start is not None:
+            runs.append((start, i))
+            start = None
+    return runs
 
 
 def _response_start(ids: list[int], labels: list[int], response_ids: list[int]) -> int | None:

@@ -101,3 +101,26 @@ def test_a_tokenizer_without_a_chat_template_asks_for_one(monkeypatch, tmp_path,
     given = preview(monkeypatch, tmp_path / "plain", tmp_path / "chat.jsonl",
                     "--template-opt", f"chat_template={chat_templates / 'qwen2_5.jinja'}", "--json")
     assert given.exit_code == 0, given.output
+
+
+def test_the_test_kit_checks_each_turn_of_a_conversation(chat_templates):
+    from sftcore.testing import check_mask_invariants
+    from sftcore_plugins.chat import ChatTemplate
+    from sftcore_plugins.masking import SeparateMasker
+
+    tok = FAMILIES["qwen3"].tokenizer()
+    template = ChatTemplate(tokenizer=tok, chat_template=str(chat_templates / "qwen3.jinja"))
+    check_mask_invariants(template, SeparateMasker(), tok, [TWO_TURNS, SHAREGPT])
+
+    class Leaky(SeparateMasker):
+        """Supervises the first prompt token too."""
+
+        def segments(self, examples, tokenizer, max_length):
+            out = super().segments(examples, tokenizer, max_length)
+            for outcome in out:
+                for row in outcome.rows:
+                    row["labels"][0] = row["input_ids"][0]
+            return out
+
+    with pytest.raises(AssertionError, match="turn 0: the ids before it are not its inference prompt's"):
+        check_mask_invariants(template, Leaky(), tok, [TWO_TURNS])
