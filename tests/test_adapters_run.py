@@ -435,3 +435,18 @@ def test_a_pad_token_the_loader_added_is_saved_with_the_adapter(monkeypatch, tmp
         assert (merged(input_ids=ids).logits - adapted(input_ids=ids).logits).abs().max().item() < 1e-5
     answer = sft(monkeypatch, "generate", "--model", output, "--instruction", "Say hello.", "--max-new-tokens", "4", "--no-progress")
     assert answer.exit_code == 0, answer.output
+
+
+@pytest.mark.slow
+def test_generate_and_merge_without_peft_say_how_to_install_it(monkeypatch, lora_run, tmp_path):
+    from sftcore.model import adapters
+
+    output, _ = lora_run
+    real = adapters.importlib.util.find_spec
+    monkeypatch.setattr(adapters.importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a))
+    expected = f"Error: the adapter run {output} needs the peft package, which is not installed: pip install 'sftcore[lora]'"
+    merged = sft(monkeypatch, "merge", output, "--output", tmp_path / "merged")
+    answer = sft(monkeypatch, "generate", "--model", output, "--instruction", "Say hello.", "--no-progress")
+    assert (merged.exit_code, error_line(merged)) == (1, expected)
+    assert (answer.exit_code, error_line(answer)) == (1, expected)
+    assert not (tmp_path / "merged").exists()
