@@ -64,6 +64,11 @@ class Masker(Protocol):
         -100, otherwise raise ``sftcore.RowDropped(reason)``. A masker may also define
         ``batch(prompts, responses, tokenizer, max_length) -> list[Masked | RowDropped]``,
         which must return exactly what calling it row by row would; the host uses it for speed.
+        Since 0.2 a masker may define ``segments(examples, tokenizer, max_length)``, taking each
+        row's `Segment` list and returning per row a masked row, a ``RowDropped``, or for a
+        conversation a ``sftcore.data.segments.Outcome`` (its training rows, the reasons of turns
+        left out); the host then masks every row through it, and a template answering with a
+        conversation needs it.
 
         Checked, per row: a mapping; ``input_ids`` and ``labels`` lists (or arrays) of ints, not
         floats, bools or numpy floats; ids ``>= 0``, labels ``>= -100``; ``truncated``, if set,
