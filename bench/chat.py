@@ -4,7 +4,7 @@
 The reference is what a careful loop does without sftcore: for every assistant turn, tokenize
 the prompt (``messages[:i]``, generation prompt on) and the conversation through that turn with
 ``apply_chat_template(tokenize=True)``, and supervise the difference. sftcore renders each
-prompt and reply once and encodes them in batches (`sftcore.data.segments.mask_examples`).
+prompt and reply once and encodes them in batches, through the pipeline `sft prepare` uses.
 Both run in this process on the same synthetic rows and tokenizer: by default a byte-level BPE
 with ChatML turn tokens trained here, or ``--tokenizer DIR`` with its own chat template.
 
@@ -80,17 +80,17 @@ def _ids(out) -> list[int]:
     return list(out["input_ids"] if hasattr(out, "keys") else out)
 
 
-def sftcore_path(rows: list[dict], tokenizer, max_length: int, batch: int = 1024) -> list:
-    from sftcore.data.segments import fit_whole, mask_examples
+def sftcore_path(rows: list[dict], tokenizer, max_length: int):
+    """What `sft prepare` does after reading: the chat template and the response-only masker,
+    through the pipeline (batches of MASK_BATCH rows)."""
+    from sftcore.data.pipeline import Prepared, format_rows, mask_rows
     from sftcore_plugins.chat import ChatTemplate
+    from sftcore_plugins.masking import SeparateMasker
 
-    template = ChatTemplate(tokenizer=tokenizer)
-    fit = lambda p, r: fit_whole(p, r, max_length)  # noqa: E731
-    out = []
-    for start in range(0, len(rows), batch):
-        examples = [template.format(row) for row in rows[start : start + batch]]
-        out += mask_examples(examples, tokenizer, max_length, fit)
-    return out
+    prepared = Prepared()
+    items = format_rows(ChatTemplate(tokenizer=tokenizer), enumerate(rows, 1), "bench", "error", prepared)
+    mask_rows(SeparateMasker(), items, tokenizer, max_length, prepared)
+    return prepared
 
 
 def main() -> None:
@@ -109,14 +109,13 @@ def main() -> None:
     turns = sum(m["role"] == "assistant" for row in rows for m in row["messages"])
 
     start = time.perf_counter()
-    ours = sftcore_path(rows, tokenizer, max_length=1 << 20)
+    ours = sftcore_path(rows, tokenizer, max_length=1 << 16)
     ours_s = time.perf_counter() - start
     start = time.perf_counter()
     theirs = reference(rows, tokenizer)
     theirs_s = time.perf_counter() - start
 
-    trained = sum(row["turns"] for outcome in ours for row in outcome.rows)
-    assert trained == turns == sum(len(examples) for examples in theirs), (trained, turns)
+    assert ours.turns["trained"] == turns == sum(len(examples) for examples in theirs), (ours.turns, turns)
     print(f"{args.rows} conversations, {turns} assistant turns")
     print(f"apply_chat_template per turn  {theirs_s:8.2f} s  {args.rows / theirs_s:9.0f} rows/s")
     print(f"sftcore chat (batched)        {ours_s:8.2f} s  {args.rows / ours_s:9.0f} rows/s  {theirs_s / ours_s:5.1f}x")

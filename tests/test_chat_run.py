@@ -72,3 +72,16 @@ def test_the_chat_loop_keeps_the_conversation():
     chat_loop(lambda history: seen.append(history) or f"answer {len(history)}", read=lambda _: next(lines), write=shown.append)
     assert seen == [("Hi",), ("Hi", "answer 1", "Again")]
     assert shown == ["answer 1", "answer 3"]
+
+
+@pytest.mark.slow
+def test_the_chat_bench_runs_and_both_paths_train_every_turn():
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parent.parent / "bench" / "chat.py"
+    done = subprocess.run([sys.executable, str(bench), "--rows", "40", "--vocab", "400"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert re.search(r"^sftcore chat \(batched\) .* rows/s +[\d.]+x$", done.stdout, re.M), done.stdout
