@@ -28,9 +28,9 @@ limit). Anything a plugin prints while it loads and registers goes to stderr.
 
 The host checks every component's answers against its protocol (`sftcore.boundary`): a
 template's segments or ``(prompt, response)`` strings, a reader's ``(row_number, row)`` pairs, a masker's
-int ids and labels, a collator's 2-D integer tensors, a loader's ``(model, tokenizer)``. A wrong
-answer stops the command with a one-line `sftcore.errors.PluginError` naming the component, its
-plugin and distribution.
+int ids and labels, a collator's 2-D integer tensors, a loader's ``(model, tokenizer)``, an
+adapter's model with something to train. A wrong answer stops the command with a one-line
+`sftcore.errors.PluginError` naming the component, its plugin and distribution.
 
 All hooks here are *collecting* hooks (every plugin is called; none is first-result-wins),
 so the order in which plugins load never decides which component is used: the user picks
