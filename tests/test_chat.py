@@ -124,3 +124,24 @@ def test_the_test_kit_checks_each_turn_of_a_conversation(chat_templates):
 
     with pytest.raises(AssertionError, match="turn 0: the ids before it are not its inference prompt's"):
         check_mask_invariants(template, Leaky(), tok, [TWO_TURNS])
+
+
+def test_prepared_conversations_are_cached_and_a_changed_template_file_is_not_reused(monkeypatch, tmp_path, chat_templates):
+    plain = copy.deepcopy(FAMILIES["qwen2_5"].tokenizer())
+    plain.save_pretrained(tmp_path / "plain")
+    template = tmp_path / "chat.jinja"
+    template.write_text((chat_templates / "qwen2_5.jinja").read_text(encoding="utf-8"), encoding="utf-8")
+    data = write_jsonl(tmp_path / "chat.jsonl", [TWO_TURNS])
+    cache = tmp_path / "cache"
+
+    def prepare():
+        done = sft(monkeypatch, "prepare", "--tokenizer", tmp_path / "plain", "--data", data, "--template", "chat",
+                   "--template-opt", f"chat_template={template}", "--cache-dir", cache, "--no-progress")
+        assert done.exit_code == 0, done.output
+        assert "turns: trained 2" in done.stdout  # kept in the cache entry too
+        return sorted(cache.glob("*.safetensors"))
+
+    [entry] = prepare()
+    assert prepare() == [entry], "the second run loads the entry"
+    template.write_text(template.read_text(encoding="utf-8").replace("You are Qwen", "You are Q"), encoding="utf-8")
+    assert len(prepare()) == 2, "another template file, another entry"

@@ -33,6 +33,8 @@ def command(ctx: click.Context, config_file, tokenizer_path, workers, no_progres
         f"rows: {len(data.rows)} prepared of {data.rows_read} read; skipped: {reasons(data.skipped)}; "
         f"dropped: {reasons(data.dropped)}; truncated: {reasons(data.truncated)}"
     )
+    if data.turns:
+        click.echo(f"turns: {reasons({k: v for k, v in data.turns.items() if v})}")
     click.echo(
         f"tokens: {data.tokens}, {data.supervised_tokens} supervised; max_length {config['max_length']}; "
         f"{seconds:.1f}s"
