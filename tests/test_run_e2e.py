@@ -199,9 +199,11 @@ def test_skipped_and_dropped_rows_are_counted_in_the_summary(monkeypatch, tmp_pa
         f"tokens: {tokens} per epoch, {supervised} supervised ({supervised / tokens:.0%}); "
         f"padding {summary['padding_fraction']:.1%} of batch positions"
     )
-    assert re.fullmatch(r"speed: [\d,]+ real tokens/s over 2 steps in [\d.]+s", lines[2]), lines[2]
-    assert lines[3] == f"loss: first {first:.4f}, last {last:.4f}"
-    assert lines[4] == f"saved to {output}"
+    total = summary["total_parameters"]
+    assert total > 0 and lines[2] == f"parameters: {total:,} trainable of {total:,} (100.00%)"
+    assert re.fullmatch(r"speed: [\d,]+ real tokens/s over 2 steps in [\d.]+s", lines[3]), lines[3]
+    assert lines[4] == f"loss: first {first:.4f}, last {last:.4f}"
+    assert lines[5] == f"saved to {output}"
     try:
         import matplotlib  # noqa: F401
     except ImportError:
