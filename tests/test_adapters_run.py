@@ -94,6 +94,19 @@ def test_missing_peft_is_one_line_with_the_install_command(monkeypatch, tmp_path
     assert not (tmp_path / "out" / "sft_config.yaml").exists()
 
 
+def test_missing_peft_stops_nproc_before_torchrun_starts(monkeypatch, tmp_path, tiny_model_dir, rows):
+    from sftcore.model import adapters
+
+    real = adapters.importlib.util.find_spec
+    monkeypatch.setattr(adapters.importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a))
+    monkeypatch.setattr("sftcore.run.distributed.relaunch", lambda nproc: pytest.fail("torchrun was started"))
+    result = run(monkeypatch, tiny_model_dir, rows, tmp_path / "out", "--adapter", "lora", "--nproc", "2")
+    assert result.exit_code == 1, result.output
+    assert result.stderr.strip().splitlines() == [
+        "Error: adapter 'lora' needs the peft package, which is not installed: pip install 'sftcore[lora]'"
+    ]
+
+
 def test_qlora_on_a_machine_without_cuda_is_one_line(monkeypatch, tmp_path, tiny_model_dir, rows):
     import torch
 

@@ -56,7 +56,11 @@ def command(
     config = config_from_cli(config_file, values, sets)
     host = host_from(ctx)
     if nproc > 1 and not distributed.launched():
-        cfg.check(cfg.effective(config), host.registry)  # report config problems once, not per worker
+        from sftcore.data.prepare import build_stage
+
+        effective = cfg.effective(config)
+        cfg.check(effective, host.registry)  # report config problems once, not per worker
+        build_stage(host, effective, "adapter")  # and a package the adapter lacks, before torchrun starts
         distributed.relaunch(nproc)
     if not distributed.is_main_process():
         logging.getLogger("sftcore").setLevel(logging.WARNING)
