@@ -145,3 +145,28 @@ def test_prepared_conversations_are_cached_and_a_changed_template_file_is_not_re
     assert prepare() == [entry], "the second run loads the entry"
     template.write_text(template.read_text(encoding="utf-8").replace("You are Qwen", "You are Q"), encoding="utf-8")
     assert len(prepare()) == 2, "another template file, another entry"
+
+
+# A reply starting with "!" renders without the newline its generation prompt ends with.
+UNEVEN = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] }}{% if not m['content'].startswith('!') %}{{ '\\n' }}{% endif %}"
+    "{{ m['content'] + '<|im_end|>' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def test_a_turn_that_does_not_continue_its_prompt_is_left_out_and_counted(monkeypatch, tmp_path):
+    plain = copy.deepcopy(FAMILIES["qwen2_5"].tokenizer())
+    plain.save_pretrained(tmp_path / "plain")
+    (tmp_path / "uneven.jinja").write_text(UNEVEN, encoding="utf-8")
+    rows = [
+        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "!b"},
+                      {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]},
+        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "!only"}]},
+    ]
+    done = preview(monkeypatch, tmp_path / "plain", write_jsonl(tmp_path / "chat.jsonl", rows),
+                   "--template-opt", f"chat_template={tmp_path / 'uneven.jinja'}")
+    assert done.exit_code == 0, done.output
+    assert "row 2: dropped (reply-not-after-prompt)" in done.output
+    assert done.output.splitlines()[-1] == (
+        "1 rows kept, 1 dropped, 0 skipped; 2 tokens trained in 1 turns, 2 left out: reply-not-after-prompt; max_length 2048"
+    )
