@@ -8,14 +8,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 from cli_runs import ROWS, forbid_model_loading, loss_points, sft, write_jsonl
-from test_resume import CtrlC, own_signal_handlers, sft_process  # noqa: F401  (a fixture)
+from test_resume import CtrlC, own_signal_handlers, sft_process, sigkill_once_written  # noqa: F401  (a fixture)
 
 from sftcore import hookimpl
 from sftcore.model.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter_model
@@ -322,14 +320,7 @@ def test_sigkill_then_resume_ends_as_an_uninterrupted_adapter_run(monkeypatch, c
 
     output = tmp_path / "out"
     args = ["run", "--model", str(tiny_model_dir), "--data", str(rows), "--output", str(output), *TRAIN, *RESUME]
-    process = sft_process(args, tmp_path, SFT_TEST_STEP_SECONDS="0.2")
-    first = output / "checkpoint-3" / MARKER
-    deadline = time.monotonic() + 300
-    while not first.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    _, stderr = process.communicate(timeout=60)
-    assert process.returncode == -signal.SIGKILL, stderr[-3000:]
+    sigkill_once_written(sft_process(args, tmp_path, SFT_TEST_STEP_SECONDS="0.2"), output / "checkpoint-3" / MARKER)
     assert not (output / "summary.json").exists(), "killed before the end"
     with caplog.at_level(logging.INFO, logger="sftcore"):
         resumed = run(monkeypatch, tiny_model_dir, rows, output, *RESUME, "--resume")

@@ -76,6 +76,17 @@ def sft_process(args: list[str], tmp_path: Path, **env: str) -> subprocess.Popen
     )
 
 
+def sigkill_once_written(process: subprocess.Popen, path: Path) -> str:
+    """SIGKILL ``process`` as soon as ``path`` exists (or it ended); its stderr."""
+    deadline = time.monotonic() + 300
+    while not path.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == -signal.SIGKILL, stderr[-3000:]
+    return stderr
+
+
 def resume(monkeypatch, model, data, output):
     result = sft(monkeypatch, *run_args(model, data), "--output", output, "--resume")
     assert result.exit_code == 0, result.output
@@ -87,12 +98,7 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(monkeypatch,
     output = tmp_path / "out"
     process = sft_process([*run_args(tiny_model_dir, data), "--output", str(output)], tmp_path, SFT_TEST_STEP_SECONDS="0.15")
     first = output / f"checkpoint-{SAVE_STEPS}" / MARKER
-    deadline = time.monotonic() + 300
-    while not first.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    _, stderr = process.communicate(timeout=60)
-    assert process.returncode == -signal.SIGKILL, stderr[-3000:]
+    sigkill_once_written(process, first)
     assert first.exists() and not (output / "model.safetensors").exists(), "killed before the end"
 
     checkpoint, _ = newest_complete(output)
