@@ -120,6 +120,35 @@ def test_qlora_without_cuda_is_one_line():
     )
 
 
+def test_qlora_asks_the_loader_for_4_bits_and_the_loader_passes_them_on(monkeypatch, tiny_model_dir):
+    """Without CUDA here, the parts that do not need it: the 4-bit config and the loader's cooperation."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sftcore_plugins import lora
+    from sftcore_plugins.flash import FlashLoader
+
+    real = adapters.importlib.util.find_spec
+    with monkeypatch.context() as patched:
+        patched.setattr(torch.cuda, "is_available", lambda: True)
+        patched.setattr(adapters.importlib.util, "find_spec", lambda name, *a: object() if name in ("bitsandbytes", "peft") else real(name, *a))
+        options = lora.QLoraAdapter().load_options()
+    config = options["quantization_config"]
+    assert (config.load_in_4bit, config.bnb_4bit_quant_type, config.bnb_4bit_use_double_quant) == (True, "nf4", True)
+    assert config.bnb_4bit_compute_dtype == torch.bfloat16
+    seen = {}
+    loading = AutoModelForCausalLM.from_pretrained
+
+    def recording(path, **kwargs):
+        seen.update(kwargs)
+        kwargs.pop("quantization_config")  # no bitsandbytes here: load as usual
+        return loading(path, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", recording)
+    FlashLoader().load(str(tiny_model_dir), **options)
+    assert seen["quantization_config"] is config
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [
