@@ -11,6 +11,7 @@ import pytest
 from cli_runs import LONG_ROW, ROWS, SFT, forbid_model_loading, json_lines, loss_points, sft, write_jsonl
 
 from sftcore import IGNORE_INDEX
+from sftcore.data.segments import Outcome, as_segments
 from sftcore.host import load_catalogue
 
 OUTPUT_FILES = (
@@ -60,6 +61,22 @@ def test_demo_run_with_no_arguments(tmp_path):
 
 
 TRAINED_STAGES = ("template", "masker", "collator", "loader")
+# The chat template trains conversations on a chat template; the tiny model has none, so it gets one.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] }}"
+    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% else %}{{ '\\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
+
+
+def rows_for(template: str, tmp_path) -> tuple[list[dict], dict[str, str]]:
+    """The rows a built-in template trains on (ROWS, as conversations for chat) and its options."""
+    if template != "chat":
+        return ROWS, {}
+    (tmp_path / "chat.jinja").write_text(CHAT_TEMPLATE, encoding="utf-8")
+    talks = [{"messages": [{"role": "user", "content": (r["instruction"] + "\n" + r["input"]).strip()},
+                           {"role": "assistant", "content": r["output"]}]} for r in ROWS]
+    return talks, {"chat_template": str(tmp_path / "chat.jinja")}
 
 
 def builtin_combos() -> list[tuple[str, ...]]:
@@ -72,12 +89,14 @@ def builtin_combos() -> list[tuple[str, ...]]:
 @pytest.mark.parametrize("names", builtin_combos(), ids="-".join)
 def test_each_builtin_component_trains_and_reloads(monkeypatch, tmp_path, tiny_model_dir, tiny_tokenizer, builtin_host, names):
     template, masker, collator, loader = names
-    data = write_jsonl(tmp_path / "train.jsonl", ROWS)
+    rows, options = rows_for(template, tmp_path)
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
     output = tmp_path / "out"
     result = sft(
         monkeypatch, "run", "--model", tiny_model_dir, "--data", data, "--output", output,
         "--template", template, "--masker", masker, "--collator", collator, "--loader", loader,
         "--max-steps", 3, "--batch-size", 2, "--max-length", 128, "--no-progress",
+        *[arg for key, value in options.items() for arg in ("--template-opt", f"{key}={value}")],
     )
     assert result.exit_code == 0, result.output
     for name in OUTPUT_FILES:
@@ -89,8 +108,11 @@ def test_each_builtin_component_trains_and_reloads(monkeypatch, tmp_path, tiny_m
         assert re.search(rf"^{stage}:\n  name: {re.escape(name)}$", saved, re.M), (stage, saved)
 
     # What the run counted must be what these components make of the rows, computed here directly.
-    built_template, built_masker = builtin_host.registry.build("template", template), builtin_host.registry.build("masker", masker)
-    masked = [built_masker(*built_template.format(row), tiny_tokenizer, 128) for row in ROWS]
+    if template == "chat":
+        options["tokenizer"] = tiny_tokenizer
+    built_template, built_masker = builtin_host.registry.build("template", template, options), builtin_host.registry.build("masker", masker)
+    results = built_masker.segments([as_segments(built_template.format(row)) for row in rows], tiny_tokenizer, 128)
+    masked = [row for result in results for row in (result.rows if isinstance(result, Outcome) else [result])]
     summary = json.loads((output / "summary.json").read_text())
     assert summary["steps"] == 3
     assert summary["tokens"] == sum(len(m["input_ids"]) for m in masked)
