@@ -54,11 +54,17 @@ class LoraAdapter:
         require("peft", f"adapter '{self.name}'", self.install)
 
     def peft_config(self, model: Any) -> Any:
+        import dataclasses
+
         from peft import LoraConfig
 
         from sftcore.model.adapters import decoder_linear_names
 
+        # A trained copy of a tied embedding stays tied to the head it is tied to (PEFT 0.18 on):
+        # otherwise the input side learns, the output side keeps the old rows, and the tie is lost.
+        tying = {"ensure_weight_tying": True} if "ensure_weight_tying" in {f.name for f in dataclasses.fields(LoraConfig)} else {}
         return LoraConfig(
+            **tying,
             r=self.r,
             lora_alpha=self.alpha,
             lora_dropout=self.dropout,

@@ -327,3 +327,22 @@ def test_the_bench_runs_both_variants(lora):
     full, lora_ = report["adapters"]["full"], report["adapters"]["lora"]
     assert full["trainable"] == full["total"] and 0 < lora_["trainable"] < full["trainable"] < lora_["total"]
     assert re.search(r"^lora / full: trainable [\d.]+x, peak [\d.]+x, growth [\d.]+x, step_time [\d.]+x$", done.stdout, re.M)
+
+
+@pytest.mark.slow
+def test_a_trained_copy_of_tied_embeddings_stays_tied_to_the_head(lora, tiny_model_dir, tmp_path):
+    """modules_to_save=[embed_tokens] on a model whose lm_head is its embeddings: both sides use the
+    trained rows, as full fine-tuning would, and the merged model is still tied."""
+    model, tokenizer = tiny(tiny_model_dir)
+    wrapped = lora.LoraAdapter(r=4, modules_to_save=["embed_tokens"]).apply(model, tokenizer)
+    train(wrapped)
+    base = wrapped.get_base_model()
+    assert base.lm_head.weight is base.model.embed_tokens.weight
+    expected = logits(wrapped)
+    wrapped.save_pretrained(tmp_path / "run")
+    tokenizer.save_pretrained(tmp_path / "run")
+    assert logits(adapters.load_adapter_model(tmp_path / "run", tiny_model_dir)).equal(expected)
+    adapters.merge(tmp_path / "run", tiny_model_dir, tmp_path / "merged")
+    merged = tiny(tmp_path / "merged")[0]
+    assert merged.config.tie_word_embeddings and merged.lm_head.weight is merged.get_input_embeddings().weight
+    assert (logits(merged) - expected).abs().max().item() < 1e-5
