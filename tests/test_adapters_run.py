@@ -127,6 +127,21 @@ def test_the_config_file_names_the_adapter_and_validate_checks_its_options(monke
     assert "  - adapter 'lora' has no option 'alhpa'. Did you mean 'alpha'? Accepted: r, alpha, dropout," in result.stderr
 
 
+def test_a_run_saved_before_the_adapter_stage_is_the_same_run_without_one(tmp_path, tiny_model_dir, rows):
+    from sftcore import config as cfg
+    from sftcore.errors import UsageError
+    from sftcore.run.outdir import CONFIG_FILE, check_output
+
+    config = cfg.effective({"model": str(tiny_model_dir), "data": str(rows), "output": str(tmp_path)})
+    older = {key: value for key, value in config.items() if key != "adapter"}
+    cfg.dump(older, tmp_path / CONFIG_FILE)
+    with pytest.raises(UsageError, match="already holds this run, stopped before its end"):  # not "another config"
+        check_output(tmp_path, config, resume=False, overwrite=False, remove=False)
+    lora = cfg.effective({**config, "adapter": "lora"})
+    with pytest.raises(UsageError, match=r"holds a run with another config \(adapter.name: 'none' then, 'lora' now\)"):
+        check_output(tmp_path, lora, resume=True, overwrite=False, remove=False)
+
+
 # Training with an adapter.
 
 
