@@ -238,8 +238,9 @@ def check_output(
         return None
     saved_file = output / CONFIG_FILE
     # Paths compared absolute: a saved config holds them so (`sftcore.config.dump`), older ones as typed;
-    # a stage added since (adapter) is the default it had, none.
-    changed = differences(cfg.absolute_paths(cfg.effective(cfg.load_yaml(str(saved_file)))), cfg.absolute_paths(config))
+    # both with defaults filled in, so a stage added since (adapter) is the default it had, none.
+    saved = cfg.effective(cfg.load_yaml(str(saved_file)))
+    changed = differences(cfg.absolute_paths(saved), cfg.absolute_paths(cfg.effective(config)))
     if changed:
         what = "; ".join(changed[:4]) + (f"; and {len(changed) - 4} more" if len(changed) > 4 else "")
         verb = "--resume needs the config it was started with" if resume else "choose another --output"
