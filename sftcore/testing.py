@@ -8,8 +8,9 @@ Fixtures:
 * ``tiny_model_dir``: a checkpoint directory of sftcore's tiny Llama (random weights, one per session).
 * ``tiny_tokenizer``: the tiny Llama's tokenizer (byte-level BPE, BOS ``<s>``, EOS ``</s>``).
 
-Helpers: ``make_host`` (what ``sft_host`` calls) and ``check_mask_invariants``, which runs a
-template and a masker over rows and asserts every rule of the masker contract.
+Helpers: ``make_host`` (what ``sft_host`` calls), ``check_mask_invariants``, which runs a
+template and a masker over rows and asserts every rule of the masker contract, and
+``supervised_runs``, where a row's labels are trained.
 
 Importing this module imports neither torch nor transformers: pytest loads it in every session
 of an environment where sftcore is installed, so everything heavy is imported inside fixtures.
@@ -31,7 +32,7 @@ from sftcore.tokens import encode_prompts, encode_texts, eos_id
 if TYPE_CHECKING:
     from sftcore.host import Host
 
-__all__ = ["check_mask_invariants", "make_host"]
+__all__ = ["check_mask_invariants", "make_host", "supervised_runs"]
 
 
 def make_host(*plugins: object, builtins: bool = True, **named: object) -> Host:
@@ -284,7 +285,7 @@ def _conversation_problems(
             problems.append(f"training row {n}: a supervised label differs from the input id there")
         if supervise_prompt or outcome.left_out:
             continue  # turns are told apart by their masked prompts; none here, or some left out
-        for start, end in _runs(labels):
+        for start, end in supervised_runs(labels):
             if k >= len(turns):
                 problems.append(f"training row {n}: more supervised runs than trained turns ({len(turns)})")
                 break
@@ -298,8 +299,8 @@ def _conversation_problems(
     return problems, int(bool(outcome.rows))
 
 
-def _runs(labels: list[int]) -> list[tuple[int, int]]:
-    """``(start, end)`` of each run of supervised labels."""
+def supervised_runs(labels: list[int]) -> list[tuple[int, int]]:
+    """``(start, end)`` of each run of supervised labels (not -100), in order."""
     runs, start = [], None
     for i, label in enumerate([*labels, IGNORE_INDEX]):
         if label != IGNORE_INDEX and start is None:

@@ -40,6 +40,16 @@ WORDS = (
 ).split()
 
 
+def or_skip(make: Callable[[], object], what: str) -> object:
+    """``make()``, or the test skipped where what it downloads is not to be had (no index, no wheel)."""
+    import pytest
+
+    try:
+        return make()
+    except Exception as exc:
+        pytest.skip(f"{what} is not available here: {exc}")
+
+
 def templates(directory: Path) -> Path:
     """The wheel's ``trl/chat_templates`` folder, extracted under ``directory``; raises OSError
     (with pip's last line) when the wheel cannot be downloaded."""

@@ -9,7 +9,7 @@ import copy
 import pytest
 from cli_runs import json_lines, sft, write_jsonl
 
-from chat_families import FAMILIES, templates
+from chat_families import FAMILIES, or_skip, templates
 from sftcore import IGNORE_INDEX
 
 TWO_TURNS = {"messages": [
@@ -21,10 +21,7 @@ SHAREGPT = {"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "
 
 @pytest.fixture(scope="module")
 def chat_templates(tmp_path_factory):
-    try:
-        return templates(tmp_path_factory.mktemp("trl"))
-    except Exception as exc:
-        pytest.skip(f"trl's chat templates are not available here: {exc}")
+    return or_skip(lambda: templates(tmp_path_factory.mktemp("trl")), "trl's chat templates")
 
 
 def tokenizer_dir(tmp_path, chat_templates, name: str):

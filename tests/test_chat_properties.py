@@ -17,11 +17,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from chat_families import FAMILIES, MISTRAL, gemma, mistral_template, real_qwen, templates
+from chat_families import FAMILIES, MISTRAL, gemma, mistral_template, or_skip, real_qwen, templates
 from sftcore import IGNORE_INDEX
 from sftcore.data.chat import ChatRenderer, probe
 from sftcore.data.segments import encode_any, encode_prompt_texts, fit_whole, mask_examples
 from sftcore.errors import UsageError
+from sftcore.testing import supervised_runs
 
 MAX_LENGTH = 8192
 CONTROL = sorted({m for family in FAMILIES.values() for m in family.control} | {"<think>", "</think>", "</s>"})
@@ -38,10 +39,7 @@ PROPERTY = settings(max_examples=25, deadline=None, suppress_health_check=[Healt
 
 @pytest.fixture(scope="session")
 def chat_templates(tmp_path_factory):
-    try:
-        return templates(tmp_path_factory.mktemp("trl"))
-    except Exception as exc:  # no index, no wheel: the real templates are not to be had
-        pytest.skip(f"trl's chat templates are not available here: {exc}")
+    return or_skip(lambda: templates(tmp_path_factory.mktemp("trl")), "trl's chat templates")
 
 
 def conversations(system: bool, nonblank: bool = False):
@@ -109,17 +107,6 @@ def _sanitize(content: str, specials: list[str]) -> str:
 
 def _count(text: str, specials: list[str]) -> Counter:
     return Counter(re.findall("|".join(map(re.escape, specials)), text))
-
-
-def supervised_runs(labels: list[int]) -> list[tuple[int, int]]:
-    runs, start = [], None
-    for p, label in enumerate(list(labels) + [IGNORE_INDEX]):
-        if label != IGNORE_INDEX and start is None:
-            start = p
-        elif label == IGNORE_INDEX and start is not None:
-            runs.append((start, p))
-            start = None
-    return runs
 
 
 def renderer_for(name: str, chat_templates):
@@ -200,10 +187,7 @@ def test_train_on_last_and_all(train_on, chat_templates):
 
 @pytest.fixture(scope="session")
 def qwen_vocabulary(tmp_path_factory):
-    try:
-        return real_qwen(tmp_path_factory.mktemp("qwen"))
-    except Exception as exc:
-        pytest.skip(f"Qwen's vocabulary is not available here: {exc}")
+    return or_skip(lambda: real_qwen(tmp_path_factory.mktemp("qwen")), "Qwen's vocabulary")
 
 
 @pytest.mark.slow
@@ -225,10 +209,7 @@ def test_every_turn_on_qwens_real_vocabulary(name, chat_templates, qwen_vocabula
 
 @pytest.fixture(scope="session")
 def mistral_jinja(tmp_path_factory):
-    try:
-        return mistral_template(tmp_path_factory.mktemp("mistral"))
-    except Exception as exc:
-        pytest.skip(f"mistral-common's template is not available here: {exc}")
+    return or_skip(lambda: mistral_template(tmp_path_factory.mktemp("mistral")), "mistral-common's template")
 
 
 @pytest.mark.slow
