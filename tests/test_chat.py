@@ -167,3 +167,23 @@ def test_a_turn_that_does_not_continue_its_prompt_is_left_out_and_counted(monkey
     assert done.output.splitlines()[-1] == (
         "1 rows kept, 1 dropped, 0 skipped; 2 tokens trained in 1 turns, 2 left out: reply-not-after-prompt; max_length 2048"
     )
+
+
+@pytest.mark.slow
+def test_conversations_masked_in_worker_processes_are_the_same_rows(chat_templates):
+    from sftcore.data.pipeline import MASK_BATCH, Prepared, format_rows, mask_rows
+    from sftcore_plugins.chat import ChatTemplate
+    from sftcore_plugins.masking import SeparateMasker
+
+    tok = FAMILIES["qwen3"].tokenizer()
+    template = ChatTemplate(tokenizer=tok, chat_template=str(chat_templates / "qwen3.jinja"))
+    rows = [(n, TWO_TURNS if n % 2 else SHAREGPT) for n in range(1, MASK_BATCH + 40)]
+    prepared = {}
+    for workers in (1, 2):
+        prepared[workers] = Prepared()
+        items = format_rows(template, rows, "chat.jsonl", "error", prepared[workers])
+        mask_rows(SeparateMasker(), items, tok, 256, prepared[workers], workers=workers)
+    assert prepared[1].rows == prepared[2].rows and prepared[1].turns == prepared[2].turns
+    two_turn_rows = sum(1 for n, row in rows if row is TWO_TURNS)
+    assert prepared[1].turns["rows split off"] == two_turn_rows  # Qwen3: each of their turns a row of its own
+    assert len(prepared[1].rows) == len(rows) + two_turn_rows

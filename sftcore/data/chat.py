@@ -103,11 +103,7 @@ class Encoder:
         return {**self.__dict__, "copy": self.copy.to_str()}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        from tokenizers import Tokenizer
-
-        copy = Tokenizer.from_str(state.pop("copy"))
-        copy.encode_special_tokens = True
-        self.__dict__.update(state, copy=copy)
+        self.__dict__.update(state, copy=_copy_from(state.pop("copy")))
 
     def encode(self, coded: Sequence[str]) -> list[list[int]]:
         encode = getattr(self.copy, "encode_batch_fast", self.copy.encode_batch)
@@ -118,6 +114,21 @@ class Encoder:
                 ids = [self.ids.get(i, i) for i in ids]
             out.append(ids)
         return out
+
+
+_COPIES: dict[str, Any] = {}  # a worker process builds each copy once, not once per batch it is sent
+
+
+def _copy_from(spec: str) -> Any:
+    import hashlib
+
+    from tokenizers import Tokenizer
+
+    key = hashlib.blake2b(spec.encode(), digest_size=16).hexdigest()
+    if key not in _COPIES:
+        _COPIES[key] = Tokenizer.from_str(spec)
+        _COPIES[key].encode_special_tokens = True
+    return _COPIES[key]
 
 
 class ChatRenderer:
