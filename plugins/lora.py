@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from sftcore import hookimpl
 from sftcore.errors import SftError
-from sftcore.model.adapters import PEFT_INSTALL, require
+from sftcore.model.adapters import PEFT_INSTALL, decoder_linear_names, require
 
 QLORA_INSTALL = "pip install 'sftcore[qlora]'"
 
@@ -58,9 +58,7 @@ class LoraAdapter:
 
         from peft import LoraConfig
 
-        from sftcore.model.adapters import decoder_linear_names
-
-        # A trained copy of a tied embedding stays tied to the head it is tied to (PEFT 0.18 on):
+        # A trained copy of a tied embedding stays tied to the head it is tied to, where PEFT can:
         # otherwise the input side learns, the output side keeps the old rows, and the tie is lost.
         tying = {"ensure_weight_tying": True} if "ensure_weight_tying" in {f.name for f in dataclasses.fields(LoraConfig)} else {}
         return LoraConfig(
