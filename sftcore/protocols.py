@@ -66,7 +66,7 @@ class Masker(Protocol):
         which must return exactly what calling it row by row would; the host uses it for speed.
         Since 0.2 a masker may define ``segments(examples, tokenizer, max_length)``, taking each
         row's `Segment` list and returning per row a masked row, a ``RowDropped``, or for a
-        conversation a ``sftcore.data.segments.Outcome`` (its training rows, the reasons of turns
+        conversation a ``sftcore.tokens.Outcome`` (its training rows, the reasons of turns
         left out); the host then masks every row through it, and a template answering with a
         conversation needs it.
 

@@ -101,6 +101,7 @@ def check_mask_invariants(
     *,
     max_length: int = 512,
     supervise_prompt: bool = False,
+    every_turn: bool = True,
 ) -> None:
     """Format and mask each row; raise ``AssertionError`` listing every broken rule, row by row.
 
@@ -122,8 +123,9 @@ def check_mask_invariants(
     than a pair) is masked by the masker's ``segments()``; for each training row and each trained
     turn in it, the ids before the turn are its inference prompt's
     (``sftcore.data.segments.encode_prompt_texts`` of the text before it), its ids are its own
-    encoding (and EOS where the segment says so), all supervised, and nothing else is (unless
-    ``supervise_prompt``); every trained turn is in a row, unless the masker left some out.
+    encoding (then EOS, where the segment or the masker ends it so), all supervised, and nothing
+    else is (unless ``supervise_prompt``); every trained turn is in a row, unless the masker left
+    some out or ``every_turn=False`` (a masker that trains some turns only: the last, say).
 
     A row the masker drops with ``RowDropped`` passes, and is named in the message of any
     failure; a call with no rows, or in which every row is dropped, fails: it checked nothing.
@@ -141,7 +143,7 @@ def check_mask_invariants(
             segments = as_segments(template.format(row))
             pair = pair_of(segments)
             if pair is None:
-                found, kept = _conversation_problems(masker, tokenizer, segments, max_length, supervise_prompt)
+                found, kept = _conversation_problems(masker, tokenizer, segments, max_length, supervise_prompt, every_turn)
                 problems += [f"{where}: {problem}" for problem in found]
                 conversations += kept
                 continue
@@ -262,7 +264,7 @@ def _row_problems(
 
 
 def _conversation_problems(
-    masker: Any, tokenizer: Any, segments: list, max_length: int, supervise_prompt: bool
+    masker: Any, tokenizer: Any, segments: list, max_length: int, supervise_prompt: bool, every_turn: bool
 ) -> tuple[list[str], int]:
     """What is wrong with one conversation's rows, and 1 when it kept one (else 0)."""
     from sftcore.data.segments import Outcome, encode_any, encode_prompt_texts, turns_of
@@ -273,8 +275,9 @@ def _conversation_problems(
     if not isinstance(outcome, Outcome):
         return ([] if isinstance(outcome, RowDropped) else [f"segments() gave {type(outcome).__name__}, not an Outcome"]), 0
     turns, _ = turns_of(segments)
+    eos = eos_id(tokenizer)
     prompts = encode_prompt_texts(tokenizer, [t.prompt for t in turns])
-    replies = [ids + ([eos_id(tokenizer)] if t.eos else []) for t, ids in zip(turns, encode_any(tokenizer, [t.reply for t in turns]))]
+    replies = [ids + ([eos] if t.eos else []) for t, ids in zip(turns, encode_any(tokenizer, [t.reply for t in turns]))]
     problems, k = [], 0
     for n, row in enumerate(outcome.rows):
         ids, labels = list(row["input_ids"]), list(row["labels"])
@@ -286,17 +289,27 @@ def _conversation_problems(
         if supervise_prompt or outcome.left_out:
             continue  # turns are told apart by their masked prompts; none here, or some left out
         for start, end in supervised_runs(labels):
+            if not every_turn:  # the masker trains some turns: the run is the next one it matches
+                k = next((j for j in range(k, len(turns)) if not _turn_problems(row, start, end, prompts[j], replies[j], eos)), k)
             if k >= len(turns):
                 problems.append(f"training row {n}: more supervised runs than trained turns ({len(turns)})")
                 break
-            if not row.get("truncated") and ids[:start] != prompts[k]:
-                problems.append(f"turn {k}: the ids before it are not its inference prompt's, first differing at {_first_difference(ids, prompts[k])}")
-            if ids[start:end] != (replies[k][: end - start] if row.get("truncated") == "response" else replies[k]):
-                problems.append(f"turn {k}: its supervised ids are not its own encoding: {_show(tokenizer, ids[start:end][:8])}")
+            problems += [f"turn {k}: {p}" for p in _turn_problems(row, start, end, prompts[k], replies[k], eos, tokenizer)]
             k += 1
-    if not supervise_prompt and not outcome.left_out and k != len(turns):
+    if every_turn and not supervise_prompt and not outcome.left_out and k != len(turns):
         problems.append(f"{k} of {len(turns)} trained turns are in the rows")
     return problems, int(bool(outcome.rows))
+
+
+def _turn_problems(row: Mapping[str, Any], start: int, end: int, prompt: list[int], reply: list[int], eos: int, tokenizer: Any = None) -> list[str]:
+    """Why the supervised run ``[start, end)`` of ``row`` is not this turn after its inference prompt."""
+    ids, problems = list(row["input_ids"]), []
+    if not row.get("truncated") and ids[:start] != prompt:
+        problems.append(f"the ids before it are not its inference prompt's, first differing at {_first_difference(ids, prompt)}")
+    got, cut = ids[start:end], row.get("truncated") == "response"
+    if (got != reply[: end - start]) if cut else (got not in (reply, reply + [eos])):
+        problems.append(f"its supervised ids are not its own encoding (then EOS): {_show(tokenizer, got[:8]) if tokenizer else got[:8]}")
+    return problems
 
 
 def supervised_runs(labels: list[int]) -> list[tuple[int, int]]:

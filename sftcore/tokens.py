@@ -234,3 +234,16 @@ def eos_id(tokenizer: Any) -> int:
 
         raise SftError("the tokenizer has no EOS token: set `eos_token` in its tokenizer_config.json")
     return int(eos)
+
+
+# Public here, defined in sftcore.data.segments (which imports this module): what a masker of
+# segments needs. Looked up on first use, so importing either module never imports the other's.
+SEGMENT_HELPERS = ("Segment", "Outcome", "mask_examples", "as_segments")
+
+
+def __getattr__(name: str) -> Any:
+    if name in SEGMENT_HELPERS:
+        from sftcore.data import segments
+
+        return getattr(segments, name)
+    raise AttributeError(f"module 'sftcore.tokens' has no attribute {name!r}")

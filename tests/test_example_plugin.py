@@ -99,7 +99,7 @@ def test_preview_shows_every_assistant_turn_supervised_and_takes_options(install
     last = preview(tiny_model_dir, tmp_path, installed.env, "--masker-opt", "train_on=last")
     assert len(every) == len(last) == 20
     four_turns = every[3]  # "What is 2 + 2?" ... three assistant replies
-    assert four_turns["prompt"].count("<|im_start|>assistant\n") == 3 and four_turns["response"] == "4"
+    assert four_turns["prompt"].count("<|im_start|>assistant\n") == 3 and four_turns["response"] == "4<|im_end|>"
     assert all(r["input_ids"][-1] == 1 and r["labels"][-1] == 1 for r in every)  # EOS </s> closes each row
 
     def supervised(record):

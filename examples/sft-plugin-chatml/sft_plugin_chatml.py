@@ -1,37 +1,37 @@
 """ChatML for sftcore: template ``chatml`` and masker ``chatml`` for multi-turn chat rows.
 
 A row is ``{"messages": [{"role": "system" | "user" | "assistant", "content": str}, ...]}``
-ending with the assistant reply to learn; an Alpaca row (``instruction``, ``input``,
-``output``) is read as one user turn and one assistant turn. Each message renders as::
+ending with an assistant reply; an Alpaca row (``instruction``, ``input``, ``output``) is read
+as one user turn and one assistant turn. Each message renders as::
 
     <|im_start|>{role}\\n{content}<|im_end|>\\n
 
-The template's prompt is the conversation up to and including the last
-``<|im_start|>assistant\\n``; its response is the last assistant content. The masker finds the
-earlier assistant turns in the prompt, so it can supervise every assistant turn (``train_on:
-all-assistant``, the default) or the last one only (``train_on: last``). Messages may not
-contain the markers themselves, so finding turns is unambiguous.
+The template answers with segments (``sftcore.tokens.Segment``): for each assistant turn
+the conversation before it up to ``<|im_start|>assistant\\n``, untrained, then its content and
+``<|im_end|>``, trained, so no masker has to find the turns again. The masker decides which
+turns learn (``train_on: all-assistant``, the default, or ``last``), ends the last reply with
+EOS (unless EOS is ``<|im_end|>`` itself) and cuts rows that are too long; sftcore's
+``sftcore.tokens.mask_examples`` puts each turn after its inference prompt's ids.
+Messages may not contain the markers themselves.
 
-Contents are stripped of surrounding whitespace: the reply is encoded apart from the prompt,
+Contents are stripped of surrounding whitespace: each reply is encoded apart from its prompt,
 which ends in a newline, and a leading space or newline would merge with that newline into one
 token when the whole conversation is encoded as one text.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from sftcore import IGNORE_INDEX, RowDropped, hookimpl
 from sftcore.errors import FieldError, UsageError
-from sftcore.tokens import Marked, encode_marked_offsets, encode_texts, eos_id, special_affixes
+from sftcore.tokens import Marked, Segment, eos_id, mask_examples, special_affixes
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 MARKERS = (IM_START, IM_END)
 ROLES = ("system", "user", "assistant")
 GENERATION_PROMPT = f"{IM_START}assistant\n"
-_ASSISTANT_TURN = re.compile(f"{re.escape(IM_START)}assistant\n(.*?){re.escape(IM_END)}", re.DOTALL)
 
 TrainOn = Literal["all-assistant", "last"]
 Truncation = Literal["prompt-left", "drop"]
@@ -52,14 +52,24 @@ class ChatMLTemplate:
         self.system = None if system is None else _content(system, "system")
         self.field = messages_field
 
-    def format(self, example: Mapping[str, Any]) -> tuple[str, str]:
+    def format(self, example: Mapping[str, Any]) -> list[Segment]:
+        """Per assistant turn: the text before it (untrained), then its content and ``<|im_end|>`` (trained)."""
         turns = self.turns(example)
         if turns[-1][0] != "assistant":
             if self.field not in example:
                 raise FieldError("output", "is missing", reason="missing-field")
             last = f"{self.field}[{len(example[self.field]) - 1}].role"
             raise FieldError(last, "the last message must be the assistant reply to learn", reason="no-reply")
-        return _prompt(turns), turns[-1][1]
+        segments, before = [], []
+        for role, content in turns:
+            if role == "assistant":
+                # After a reply, its <|im_end|>'s newline: the rendering continues exactly.
+                segments.append(Segment(Marked(("\n" if segments else "") + render(before) + GENERATION_PROMPT, MARKERS)))
+                segments.append(Segment(Marked(content + IM_END, MARKERS), trained=True))
+                before = []
+            else:
+                before.append((role, content))
+        return segments
 
     def format_prompt(self, example: Mapping[str, Any]) -> str:
         """The conversation before the last assistant reply (or all of it), then the generation prompt."""
@@ -133,21 +143,16 @@ def _content(value: Any, field: str) -> str:
 class ChatMLMasker:
     """Masker ``chatml``: supervises assistant turns, each its content plus ``<|im_end|>``.
 
-    The prompt is encoded exactly as ``sftcore.tokens.encode_prompts`` encodes it for ``sft
-    generate``, so training and inference see the same prompt ids on every tokenizer: the
-    template declares its markers (`sftcore.tokens.Marked`), so a tokenizer that has ChatML
-    tokens gets their ids, as its own call and chat template give at inference, with the text
-    between them encoded as user text; for one without, the prompt is encoded in one piece, the
-    markers as text. (Encoding it turn by turn would not match: a SentencePiece tokenizer starts
-    every piece with ``▁``.) Earlier assistant turns inside the prompt are found by character
-    offsets; a token that straddles a turn's edge is supervised. The reply is encoded on its
-    own and followed by ``<|im_end|>`` (the tokenizer's id when it has that token, else the ids
-    of its text) and EOS, unless EOS is ``<|im_end|>`` itself.
+    It masks the template's segments (``segments()``): each reply after its inference prompt's
+    ids, exactly as ``sft generate`` encodes the prompt (the template declares its markers,
+    `sftcore.tokens.Marked`, so a tokenizer with ChatML tokens gets their ids, one without gets
+    them as text), the reply encoded on its own; turns share a row while their prompts' ids
+    continue it (`sftcore.tokens.mask_examples`). The last reply ends with EOS, unless
+    EOS is ``<|im_end|>`` itself.
 
-    :param train_on: ``all-assistant`` supervises every assistant turn, ``last`` only the reply
-        the template returned.
-    :param truncation: when a row exceeds ``max_length``, ``prompt-left`` cuts the oldest prompt
-        tokens (keeping BOS; a reply cut short loses its end markers), ``drop`` drops the row.
+    :param train_on: ``all-assistant`` supervises every assistant turn, ``last`` only the last.
+    :param truncation: when a turn's row exceeds ``max_length``, ``prompt-left`` cuts the oldest
+        prompt tokens (keeping BOS; a reply cut short loses its end markers), ``drop`` drops it.
     """
 
     def __init__(self, train_on: TrainOn = "all-assistant", truncation: Truncation = "prompt-left") -> None:
@@ -159,60 +164,49 @@ class ChatMLMasker:
         self.truncation = truncation
 
     def __call__(self, prompt: str, response: str, tokenizer: Any, max_length: int) -> dict:
-        if not (prompt.startswith(IM_START) and prompt.endswith(GENERATION_PROMPT)):
-            raise UsageError(
-                "the chatml masker needs a ChatML prompt, one that starts with <|im_start|> and ends "
-                "with <|im_start|>assistant; use it with the chatml template"
-            )
-        prefix = special_affixes(tokenizer)[0]
-        ids, labels = self._prompt(prompt, tokenizer)
-        tail = encode_texts(tokenizer, [response])[0] + end_of_reply(tokenizer)
-        return self._fit(prefix + ids, [IGNORE_INDEX] * len(prefix) + labels, tail, len(prefix), max_length)
+        """A (prompt, response) pair is not a ChatML conversation: refused (see `segments`)."""
+        raise _not_chatml()
 
-    def _prompt(self, prompt: str, tokenizer: Any) -> tuple[list[int], list[int]]:
-        encoded = encode_marked_offsets(tokenizer, prompt)  # a tokenizer with ChatML tokens
-        if encoded is None:
-            try:
-                plain = tokenizer(prompt, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True)
-            except NotImplementedError:  # slow tokenizers have no offsets
-                raise UsageError("the chatml masker needs a fast tokenizer, one that reports character offsets") from None
-            encoded = list(plain["input_ids"]), plain["offset_mapping"]
-        ids, offsets = encoded
-        spans = [(m.start(1), m.end()) for m in _ASSISTANT_TURN.finditer(prompt)] if self.train_on == "all-assistant" else []
-        labels = [IGNORE_INDEX] * len(ids)
-        for i, (begin, end) in enumerate(offsets):
-            if any(begin < stop and max(end, begin + 1) > start for start, stop in spans):
-                labels[i] = ids[i]
-        return ids, labels
+    def segments(self, examples: Sequence[Sequence[Segment]], tokenizer: Any, max_length: int) -> list[Any]:
+        if not all(any(IM_START in str(s.text) for s in segments) for segments in examples):
+            raise _not_chatml()
+        eos_is_end = tokenizer.get_added_vocab().get(IM_END) == eos_id(tokenizer)
+        chosen = [self._choose(list(segments), eos_is_end) for segments in examples]
+        n_prefix = len(special_affixes(tokenizer)[0])
+        return mask_examples(chosen, tokenizer, max_length, lambda p, r: self._fit(p, r, n_prefix, max_length))
 
-    def _fit(self, ids: list[int], labels: list[int], tail: list[int], n_prefix: int, max_length: int) -> dict:
+    def _choose(self, segments: list[Segment], eos_is_end: bool) -> list[Segment]:
+        """The turns that learn (all, or the last), the last one ending with EOS."""
+        last = max(i for i, s in enumerate(segments) if s.trained)
+        out = [s._replace(trained=False) if s.trained and self.train_on == "last" and i != last else s for i, s in enumerate(segments)]
+        out[last] = out[last]._replace(eos=not eos_is_end)
+        return out
+
+    def _fit(self, prompt: list[int], reply: list[int], n_prefix: int, max_length: int) -> dict:
         truncated = None
-        if len(ids) + len(tail) > max_length:
+        if len(prompt) + len(reply) > max_length:
             if self.truncation == "drop":
-                raise RowDropped("too-long", f"{len(ids) + len(tail)} tokens > max_length {max_length}")
-            keep = min(len(ids), max(max_length - len(tail), max_length // 2))
-            if keep < len(ids):
-                cut = len(ids) - max(0, keep - n_prefix)
-                ids, labels = ids[:n_prefix] + ids[cut:], labels[:n_prefix] + labels[cut:]
+                raise RowDropped("too-long", f"{len(prompt) + len(reply)} tokens > max_length {max_length}")
+            keep = min(len(prompt), max(max_length - len(reply), max_length // 2))
+            if keep < len(prompt):
+                prompt = prompt[:n_prefix] + prompt[len(prompt) - max(0, keep - n_prefix) :]
                 truncated = "prompt"
-            room = max(0, max_length - len(ids))
-            if room < len(tail):
-                tail = tail[:room]
+            room = max(0, max_length - len(prompt))
+            if room < len(reply):
+                reply = reply[:room]
                 truncated = "response"
-        if not tail:
+        if not reply:
             raise RowDropped("prompt-too-long", f"no room left for the reply within max_length {max_length}")
-        row: dict = {"input_ids": ids + tail, "labels": labels + tail}
+        row: dict = {"input_ids": prompt + reply, "labels": [IGNORE_INDEX] * len(prompt) + reply}
         if truncated:
             row["truncated"] = truncated
         return row
 
 
-def end_of_reply(tokenizer: Any) -> list[int]:
-    """``<|im_end|>`` as the tokenizer's id when it has that token, else its text's ids; then EOS unless EOS is it."""
-    added = tokenizer.get_added_vocab()
-    end = [added[IM_END]] if IM_END in added else encode_texts(tokenizer, [IM_END])[0]
-    eos = eos_id(tokenizer)
-    return end if end == [eos] else end + [eos]
+def _not_chatml() -> UsageError:
+    return UsageError(
+        "the chatml masker needs a ChatML conversation, the chatml template's segments; use it with the chatml template"
+    )
 
 
 @hookimpl

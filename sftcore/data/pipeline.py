@@ -17,7 +17,7 @@ from typing import Any, Literal, get_args
 
 from sftcore import IGNORE_INDEX
 from sftcore.boundary import advice, building, checked, component_origin, exception_text, fix_or_disable, kind, origin_of
-from sftcore.data.segments import Outcome, as_segments, join, pair_of
+from sftcore.data.segments import Outcome, as_segments, join, pair_of, turns_of
 from sftcore.errors import DataError, FieldError, PluginError, RowDropped, SftError, UsageError
 from sftcore.options import option_problems
 from sftcore.registry import Registry
@@ -220,12 +220,13 @@ def format_rows(
 
 
 def as_formatted(number: int, result: Any) -> Formatted:
-    """A template's answer as segments, with its prompt and response (a conversation's untrained
-    and trained texts, joined, which duplicates are found by)."""
+    """A template's answer as segments, with its prompt and response: for a conversation, its last
+    trained turn's inference prompt (the history before it) and text, which duplicates are found by."""
     segments = as_segments(result)
     pair = pair_of(segments)
     if pair is None:
-        pair = join([s.text for s in segments if not s.trained]), join([s.text for s in segments if s.trained])
+        turns = turns_of(segments)[0]
+        pair = (turns[-1].prompt, turns[-1].reply) if turns else (join([s.text for s in segments]), "")
     return Formatted(number, pair[0], pair[1], tuple(segments))
 
 
