@@ -2,7 +2,8 @@
 # The GPU checks in as few device calls as possible (docs/gpu.md says how the wheels get there).
 #
 #   bash bench/gpu_session.sh tests   # install, then tests/gpu        -> $OUT/gpu-tests.log
-#   bash bench/gpu_session.sh bench   # install, then bench/train_gpu.py -> $OUT/train-gpu.log
+#   bash bench/gpu_session.sh bench   # install, then bench/train_gpu.py -> $OUT/train-gpu*.log
+#                                     # (the peers, chunked loss, then LoRA and QLoRA)
 #
 # Run from the project root on the GPU machine. Installing is skipped when a previous call on the
 # same (still warm) machine did it. The Alpaca sample is read from $SFT_BENCH_DATA, by default
@@ -47,6 +48,8 @@ case "$step" in
     [ -f "$data" ] || { log "no data at $data: copy the Alpaca sample there and carry .gpu-data"; exit 2; }
     PYTHONUNBUFFERED=1 python3 bench/train_gpu.py --data "$data" ${SFT_BENCH_ARGS:-} 2>&1 | tee "$out/train-gpu.log"
     PYTHONUNBUFFERED=1 python3 bench/train_gpu.py --data "$data" ${SFT_BENCH_ARGS:-} --variants sftcore --chunked-loss 2>&1 | tee "$out/train-gpu-chunked.log"
+    # bitsandbytes for qlora travels as its own wheel (43 MB) in .gpu-b when fetched; without it qlora is skipped.
+    PYTHONUNBUFFERED=1 python3 bench/train_gpu.py --data "$data" ${SFT_BENCH_ARGS:-} --variants sftcore-lora,sftcore-qlora 2>&1 | tee "$out/train-gpu-adapters.log"
     ;;
   *) log "unknown step $step (tests or bench)"; exit 2 ;;
 esac

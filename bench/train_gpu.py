@@ -8,14 +8,18 @@ autocast, in one process run:
 * sftcore: the prepared rows, the `packed` collator (16 x 1024 tokens a batch, best-fit
   decreasing) and the attention the flash loader picks for padding-free batches (FlashAttention
   4, 3 or 2, else PyTorch's varlen kernel, else sdpa);
-* trl: SFTTrainer with BFD packing and padding-free batches, same attention, when trl imports.
+* trl: SFTTrainer with BFD packing and padding-free batches, same attention, when trl imports;
+* sftcore-lora, sftcore-qlora (when asked for with --variants): the sftcore variant with the
+  built-in `lora` adapter (r 8 on every linear layer of the decoder blocks), and with `qlora`
+  (the base saved, then loaded in 4 bits through bitsandbytes; CUDA only, else skipped).
 
 Before training, the loss of one batch of the same rows with the same weights, padded under sdpa
 and packed under sftcore's attention, is printed: the two must agree (bf16 tolerance).
 
 The second epoch is timed (clocks read after a device synchronisation). Printed per variant:
 real (non-pad) tokens/s, padding fraction, peak memory, MFU against 780 TFLOP/s (bf16 dense on
-an H100, measured) with 6 x parameters FLOPs per token, and the ratio to the reference.
+an H100, measured) with 6 x parameters FLOPs per token (4 x for an adapter run: the frozen
+weights get no gradient), and the ratio to the reference.
 
     python bench/train_gpu.py --data /work/shared/data/alpaca_en_demo.json
     python bench/train_gpu.py --data /work/shared/data/alpaca_en_demo.json --tiny   # CPU smoke run
@@ -132,11 +136,11 @@ def packed_attention() -> str:
     return attention
 
 
-def variant_sftcore(args, rows, tok_dir, shape, output):
+def variant_sftcore(args, rows, tok_dir, shape, output, adapter=None):
     from sftcore import config as cfg
+    from sftcore.data.prepare import prepare_data
     from sftcore.host import load_host
     from sftcore.run.stats import BatchCounter
-    from sftcore.data.prepare import prepare_data
     from sftcore.run.trainer import trainer_class
     from sftcore_plugins.packed import PackedCollator
 
@@ -147,12 +151,39 @@ def variant_sftcore(args, rows, tok_dir, shape, output):
     attention = packed_attention()
     counter = BatchCounter(PackedCollator(max_tokens_per_batch=args.batch_size * args.max_length, attn_implementation=attention))
     model = new_model(shape, attention)
+    if hasattr(adapter, "load_options"):  # qlora: the same weights, loaded again in 4 bits
+        model = reloaded(model, output / "base", attention, adapter.load_options())
     if args.chunked_loss:
         from sftcore.model.loss import enable_chunked_loss
 
         enable_chunked_loss(model)
+    if adapter is not None:
+        model = adapter.apply(model, None)
     trainer = trainer_class()(model=model, args=training_args(output, args), train_dataset=prepared.rows, data_collator=counter)
     return trainer, counter, attention
+
+
+def reloaded(model, directory: Path, attention: str, load_options: dict):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model.to(torch.bfloat16).save_pretrained(directory)
+    del model
+    return AutoModelForCausalLM.from_pretrained(
+        directory, attn_implementation=attention, dtype=torch.bfloat16, device_map={"": 0}, **load_options
+    )
+
+
+def variant_sftcore_lora(args, rows, tok_dir, shape, output):
+    from sftcore_plugins.lora import LoraAdapter
+
+    return variant_sftcore(args, rows, tok_dir, shape, output, adapter=LoraAdapter())
+
+
+def variant_sftcore_qlora(args, rows, tok_dir, shape, output):
+    from sftcore_plugins.lora import QLoraAdapter
+
+    return variant_sftcore(args, rows, tok_dir, shape, output, adapter=QLoraAdapter())
 
 
 def check_datasets_location() -> None:
@@ -204,7 +235,10 @@ def variant_trl(args, rows, tok_dir, shape, output):
     return trainer, counter, attention
 
 
-VARIANTS = {"reference": variant_reference, "sftcore": variant_sftcore, "trl": variant_trl}
+VARIANTS = {
+    "reference": variant_reference, "sftcore": variant_sftcore, "trl": variant_trl,
+    "sftcore-lora": variant_sftcore_lora, "sftcore-qlora": variant_sftcore_qlora,
+}
 
 
 def loss_agreement(args, rows, tok_dir, shape, root) -> dict:
@@ -248,9 +282,11 @@ def measure(name, build, args, rows, tok_dir, shape, root) -> dict | None:
 
     output = root / name
     output.mkdir()
+    from sftcore.errors import SftError
+
     try:
         trainer, counter, attention = build(args, rows, tok_dir, shape, output)
-    except ImportError as exc:
+    except (ImportError, SftError) as exc:  # a package or a GPU this machine lacks
         print(f"{name}: skipped ({exc})", flush=True)
         return None
     from transformers.trainer_callback import PrinterCallback
@@ -263,13 +299,16 @@ def measure(name, build, args, rows, tok_dir, shape, root) -> dict | None:
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
     params = sum(p.numel() for p in trainer.model.parameters())
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     result = {
         "variant": name, "attention": attention, "seconds": clock.seconds, "real_tokens": clock.real,
         "tokens_per_s": clock.real / clock.seconds, "padding": 1 - clock.real / max(clock.positions, 1), "params": params,
+        "trainable": trainable,
         "peak_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available()
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
     }
-    result["mfu"] = 6 * params * result["tokens_per_s"] / PEAK_FLOPS
+    flops_per_token = (6 if trainable == params else 4) * params
+    result["mfu"] = flops_per_token * result["tokens_per_s"] / PEAK_FLOPS
     del trainer
     gc.collect()
     if torch.cuda.is_available():
@@ -310,11 +349,11 @@ def main() -> None:
                 results.append(result)
     base = next((r for r in results if r["variant"] == "reference"), None)
     memory = "peak GiB" if torch.cuda.is_available() else "max RSS GiB"
-    print(f"\n{'variant':10s} {'attention':18s} {'epoch s':>8s} {'real tok/s':>11s} {'padding':>8s} {memory:>12s} {'MFU':>6s} {'vs ref':>7s}")
+    print(f"\n{'variant':13s} {'attention':18s} {'epoch s':>8s} {'real tok/s':>11s} {'padding':>8s} {memory:>12s} {'MFU':>6s} {'vs ref':>7s}")
     for r in results:
         ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
         mfu = f"{r['mfu']:.1%}" if torch.cuda.is_available() else "n/a"
-        print(f"{r['variant']:10s} {r['attention']:18s} {r['seconds']:8.1f} {r['tokens_per_s']:11,.0f} "
+        print(f"{r['variant']:13s} {r['attention']:18s} {r['seconds']:8.1f} {r['tokens_per_s']:11,.0f} "
               f"{r['padding']:8.1%} {r['peak_gb']:12.2f} {mfu:>6s} {ratio:>7s}")
     packed_name = next(k for k in agreement if k.startswith("packed_"))
     print(f"\nloss on the same {agreement['rows']} rows, same weights: padded (sdpa) {agreement['padded_sdpa']:.5f}, "

@@ -60,7 +60,8 @@ class LoraAdapter:
 
         # A trained copy of a tied embedding stays tied to the head it is tied to, where PEFT can:
         # otherwise the input side learns, the output side keeps the old rows, and the tie is lost.
-        tying = {"ensure_weight_tying": True} if "ensure_weight_tying" in {f.name for f in dataclasses.fields(LoraConfig)} else {}
+        tied = bool(self.modules_to_save) and getattr(model.config, "tie_word_embeddings", False)
+        tying = {"ensure_weight_tying": True} if tied and "ensure_weight_tying" in {f.name for f in dataclasses.fields(LoraConfig)} else {}
         return LoraConfig(
             **tying,
             r=self.r,

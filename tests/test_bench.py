@@ -43,10 +43,13 @@ def test_prep_bench_runs_and_its_paths_agree(alpaca_json):
 def test_training_bench_runs_its_variants_and_checks_the_loss(alpaca_json):
     out = bench(
         str(BENCH / "train_gpu.py"), "--data", str(alpaca_json), "--tiny", "--rows", "8", "--epochs", "1",
-        "--variants", "reference,sftcore",
+        "--variants", "reference,sftcore,sftcore-lora",
     )
     agreement = json.loads(next(line for line in out.splitlines() if line.startswith('{"loss_agreement"')))["loss_agreement"]
     assert agreement["relative_difference"] < 1e-4, agreement  # fp32 on a CPU: the same loss
-    rows = {line.split()[0]: line for line in out.splitlines() if line.split()[:1] in (["reference"], ["sftcore"])}
-    assert set(rows) == {"reference", "sftcore"}, out
-    assert " 0.0% " in rows["sftcore"], "packed batches carry no padding"
+    names = {"reference", "sftcore", "sftcore-lora"}
+    rows = {line.split()[0]: line for line in out.splitlines() if line.split()[:1] and line.split()[0] in names}
+    assert set(rows) == names, out
+    assert " 0.0% " in rows["sftcore"] and " 0.0% " in rows["sftcore-lora"], "packed batches carry no padding"
+    lora = json.loads(next(line for line in out.splitlines() if line.startswith('{"variant": "sftcore-lora"')))
+    assert 0 < lora["trainable"] < lora["params"] / 10, lora
