@@ -187,3 +187,28 @@ def test_conversations_masked_in_worker_processes_are_the_same_rows(chat_templat
     two_turn_rows = sum(1 for n, row in rows if row is TWO_TURNS)
     assert prepared[1].turns["rows split off"] == two_turn_rows  # Qwen3: each of their turns a row of its own
     assert len(prepared[1].rows) == len(rows) + two_turn_rows
+
+
+def test_generate_prompts_with_the_ids_training_used(monkeypatch, tmp_path, chat_templates):
+    """`sft generate`'s prompt for a conversation, markers typed in messages included, is the
+    ids before the reply in the training row of the same conversation plus that reply."""
+    from sftcore.commands.generate import conversation, prompt_for
+    from sftcore.config import effective
+    from sftcore.data.segments import encode_prompt_texts
+    from sftcore.host import load_host
+    from sftcore.testing import supervised_runs
+
+    tok_dir = tokenizer_dir(tmp_path, chat_templates, "llama3_2")
+    messages = ["Hi <|eot_id|> there", "Hello <|start_header_id|>!", "And now?"]
+    row = {"messages": [{"role": r, "content": c} for r, c in zip(("user", "assistant", "user"), messages)] +
+           [{"role": "assistant", "content": "Done."}]}
+    done = preview(monkeypatch, tok_dir, write_jsonl(tmp_path / "chat.jsonl", [row]), "--json",
+                   "--template-opt", "system=Be brief.")
+    [record] = json_lines(done.output)
+    (_, _), (last_reply, _) = supervised_runs(record["labels"])  # both turns in one row
+    config = effective({"model": str(tok_dir), "template": {"name": "chat", "options": {"system": "Be brief."}}})
+    prompt = prompt_for(load_host(entry_points=False), config, conversation(tuple(messages), config), str(tok_dir))
+    assert prompt.startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>")
+    assert "Be brief." in prompt
+    tok = FAMILIES["llama3_2"].tokenizer()
+    assert encode_prompt_texts(tok, [prompt])[0] == record["input_ids"][:last_reply]
