@@ -19,6 +19,10 @@ install() {
   if [ -d .gpu-b ] && [ ! -e /tmp/site/flash_attn ] && [ ! -e /tmp/site/trl ]; then
     bash .gpu-b/install-on-device.sh || { log "wheel install failed"; exit 3; }
   fi
+  # bitsandbytes (qlora) travels alone in .gpu-c: one 43 MB wheel, pure Python plus its CUDA libraries.
+  if [ -d .gpu-c ] && [ ! -e /tmp/site/bitsandbytes ]; then
+    python3 -m pip install -q --no-deps --no-index --target /tmp/site .gpu-c/bitsandbytes-*.whl || log "bitsandbytes install failed"
+  fi
   # datasets fingerprints every Dataset with dill, and dill pickles by value (and fails on
   # pyarrow's MonthDayNano) any module whose file path names no site-packages directory, which a
   # `pip install --target /tmp/site` tree does not. Reach that tree through such a name.
@@ -48,7 +52,7 @@ case "$step" in
     [ -f "$data" ] || { log "no data at $data: copy the Alpaca sample there and carry .gpu-data"; exit 2; }
     PYTHONUNBUFFERED=1 python3 bench/train_gpu.py --data "$data" ${SFT_BENCH_ARGS:-} 2>&1 | tee "$out/train-gpu.log"
     PYTHONUNBUFFERED=1 python3 bench/train_gpu.py --data "$data" ${SFT_BENCH_ARGS:-} --variants sftcore --chunked-loss 2>&1 | tee "$out/train-gpu-chunked.log"
-    # bitsandbytes for qlora travels as its own wheel (43 MB) in .gpu-b when fetched; without it qlora is skipped.
+    # qlora needs bitsandbytes (.gpu-c carried with this call); without it that variant is skipped.
     PYTHONUNBUFFERED=1 python3 bench/train_gpu.py --data "$data" ${SFT_BENCH_ARGS:-} --variants sftcore-lora,sftcore-qlora 2>&1 | tee "$out/train-gpu-adapters.log"
     ;;
   *) log "unknown step $step (tests or bench)"; exit 2 ;;
