@@ -309,7 +309,7 @@ def test_unknown_component_suggests_the_close_name(builtin_host):
 
     with pytest.raises(UnknownComponentError) as info:
         builtin_host.registry.get("template", "alpacca")
-    assert str(info.value) == "Unknown template 'alpacca'. Did you mean 'alpaca'? Available: alpaca, alpaca-output"
+    assert str(info.value) == "Unknown template 'alpacca'. Did you mean 'alpaca'? Available: alpaca, alpaca-output, chat"
 
     with pytest.raises(UnknownComponentError) as info:
         builtin_host.registry.get("masker", "zzz")
