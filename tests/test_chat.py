@@ -212,3 +212,14 @@ def test_generate_prompts_with_the_ids_training_used(monkeypatch, tmp_path, chat
     assert "Be brief." in prompt
     tok = FAMILIES["llama3_2"].tokenizer()
     assert encode_prompt_texts(tok, [prompt])[0] == record["input_ids"][:last_reply]
+
+
+def test_splitting_is_said_once_in_the_log(caplog, chat_templates):
+    from sftcore_plugins.chat import ChatTemplate
+
+    template = ChatTemplate(tokenizer=FAMILIES["qwen3"].tokenizer(), chat_template=str(chat_templates / "qwen3.jinja"))
+    with caplog.at_level("INFO", logger="sftcore.run"):
+        for _ in range(3):
+            template.format(TWO_TURNS)
+    [said] = [r.getMessage() for r in caplog.records if "row of its own" in r.getMessage()]
+    assert said.startswith("chat template qwen3.jinja renders earlier turns differently once later turns follow")
