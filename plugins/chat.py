@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, Literal
 
 from sftcore import hookimpl
-from sftcore.data.chat import TRAIN_ON, ChatRenderer, messages_of, probe
+from sftcore.data.chat import TRAIN_ON, ChatRenderer, messages_of, probe, template_text
 from sftcore.errors import UsageError
 
 log = logging.getLogger("sftcore.run")
@@ -40,7 +39,7 @@ class ChatTemplate:
             raise UsageError(f"train_on must be one of {', '.join(TRAIN_ON)}, not {train_on!r}")
         if tokenizer is None:
             raise UsageError("the chat template renders with the run's tokenizer, which the host passes; build it through sft")
-        text, name = _template_text(tokenizer, chat_template)
+        text, name = template_text(tokenizer, chat_template)
         self.renderer = ChatRenderer(tokenizer, text, name)
         probe(self.renderer)
         self.train_on, self.system = train_on, system
@@ -70,22 +69,6 @@ class ChatTemplate:
         if self.system is not None and messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": self.system})
         return messages
-
-
-def _template_text(tokenizer: Any, path: str | None) -> tuple[str, str]:
-    """The Jinja text to render with and how to name it: the file given, else the tokenizer's."""
-    if path is not None:
-        try:
-            return Path(path).read_text(encoding="utf-8"), Path(path).name
-        except (OSError, UnicodeDecodeError) as exc:
-            raise UsageError(f"chat_template={path}: cannot read it ({exc.__class__.__name__}: {exc})") from None
-    text = getattr(tokenizer, "chat_template", None)
-    if isinstance(text, dict):  # named templates: the default one renders conversations
-        text = text.get("default")
-    if not isinstance(text, str) or not text.strip():
-        source = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
-        raise UsageError(f"{source} has no chat template; pass --template-opt chat_template=FILE.jinja")
-    return text, f"of {getattr(tokenizer, 'name_or_path', '') or 'the tokenizer'}"
 
 
 @hookimpl

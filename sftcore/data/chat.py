@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -213,6 +214,22 @@ class ChatRenderer:
     def prompt(self, messages: Sequence[Mapping[str, str]]) -> Rendered:
         """The inference prompt after ``messages``: what ``sft generate`` tokenizes."""
         return self.text(self.render(self.escape(messages), True))
+
+
+def template_text(tokenizer: Any, path: str | None) -> tuple[str, str]:
+    """The Jinja text to render with and how to name it: the file given, else the tokenizer's."""
+    if path is not None:
+        try:
+            return Path(path).read_text(encoding="utf-8"), Path(path).name
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"chat_template={path}: cannot read it ({exc.__class__.__name__}: {exc})") from None
+    text = getattr(tokenizer, "chat_template", None)
+    if isinstance(text, dict):  # named templates: the default one renders conversations
+        text = text.get("default")
+    source = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
+    if not isinstance(text, str) or not text.strip():
+        raise UsageError(f"{source} has no chat template; pass --template-opt chat_template=FILE.jinja")
+    return text, f"of {source}"
 
 
 def probe(renderer: ChatRenderer) -> None:
