@@ -70,6 +70,8 @@ def test_a_reasoning_template_gives_one_record_per_training_row(monkeypatch, tmp
     ({"messages": [{"role": "user", "content": [{"type": "image"}]}, {"role": "assistant", "content": "y"}]},
      "field 'messages[0].content': images and other content parts are not supported yet; give the text as a string"),
     ({"messages": [{"role": "user", "content": "x"}]}, "field 'messages': has no assistant message to learn"),
+    ({"messages": [{"role": "user", "content": "x\U0010f000"}, {"role": "assistant", "content": "y"}]},
+     "field 'messages[0].content': holds a character in U+10F000-U+10FFFF, which sftcore reserves for template markers"),
 ])
 def test_a_bad_message_is_named_by_file_row_index_and_field(monkeypatch, tmp_path, chat_templates, row, message):
     tok_dir = tokenizer_dir(tmp_path, chat_templates, "qwen2_5")
@@ -223,3 +225,13 @@ def test_splitting_is_said_once_in_the_log(caplog, chat_templates):
             template.format(TWO_TURNS)
     [said] = [r.getMessage() for r in caplog.records if "row of its own" in r.getMessage()]
     assert said.startswith("chat template qwen3.jinja renders earlier turns differently once later turns follow")
+
+
+def test_a_conversation_the_template_refuses_is_a_bad_row_named_by_the_template(monkeypatch, tmp_path, chat_templates):
+    tok_dir = tokenizer_dir(tmp_path, chat_templates, "gemma")  # Gemma 1/2 take no system message
+    row = {"messages": [{"role": "system", "content": "Be brief."}, *TWO_TURNS["messages"][:2]]}
+    data = write_jsonl(tmp_path / "chat.jsonl", [row])
+    done = preview(monkeypatch, tok_dir, data)
+    assert done.output.strip().splitlines()[-1] == (
+        f"Error: {data}, row 1, field 'messages': the chat template of {tok_dir} refused the conversation: System role not supported"
+    )
