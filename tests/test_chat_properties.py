@@ -229,3 +229,21 @@ def test_every_turn_on_mistrals_own_template(mistral_jinja):
             assert len(rows) == n
 
     run()
+
+
+@pytest.mark.parametrize("name", ["phi3", "llama3_2"])
+def test_a_tokenizer_whose_ids_renaming_would_change_gets_twin_tokens_and_the_same_ids(name, chat_templates, monkeypatch):
+    import sftcore.data.chat as chat
+
+    family, tok, text, renamed = renderer_for(name, chat_templates)
+    assert renamed.encoder.ids == {}, "markers renamed in place: nothing to map back"
+    monkeypatch.setattr(chat, "_renamed", lambda *args: None)  # as for a Unigram (list) vocabulary
+    twinned = ChatRenderer(tok, text, family.template)
+    assert twinned.encoder.ids, "twin tokens whose ids are mapped back"
+    messages = [{"role": "system", "content": "a <|end|> b"}, {"role": "user", "content": "<|eot_id|> <s> x"},
+                {"role": "assistant", "content": " y </s> <|user|>"}, {"role": "user", "content": "z"},
+                {"role": "assistant", "content": "w"}]
+    fit = lambda p, r: fit_whole(p, r, MAX_LENGTH)  # noqa: E731
+    assert mask_examples([twinned.segments(messages, "assistant")], tok, MAX_LENGTH, fit) == \
+        mask_examples([renamed.segments(messages, "assistant")], tok, MAX_LENGTH, fit)
+    check(family, tok, text, twinned, messages)

@@ -76,10 +76,12 @@ def messages_of(
 
 class Encoder:
     """Token ids of rendered text with the template's markers as their ids, marker strings in
-    messages as text. A copy of the tokenizer's Rust backend where each marker token has a twin
-    added token spelled with a private character (same flags, not special) and every special
+    messages as text. A copy of the tokenizer's Rust backend in which each marker token is
+    spelled with a private character (same id and flags, not special) and every other special
     token is text (``encode_special_tokens``): around a marker the copy splits, strips and
-    normalizes exactly as the tokenizer's own call does, since it is the same code."""
+    normalizes exactly as the tokenizer's own call does, since it is the same code. Where the
+    copy cannot keep the ids (checked), the twins are added tokens of their own, their ids mapped
+    back after encoding."""
 
     def __init__(self, tokenizer: Any, markers: Sequence[str]) -> None:
         from tokenizers import Tokenizer
@@ -89,15 +91,12 @@ class Encoder:
         backend = _plain_backend(tokenizer)
         if backend is None:
             raise UsageError("the chat template needs a fast tokenizer (a tokenizer.json) without truncation or padding set")
-        spec = json.loads(backend.to_str())
-        tokens = {t["content"]: t for t in spec.get("added_tokens", [])}
-        self.token_markers = [m for m in markers if m in tokens]
-        twins = [{**tokens[m], "content": chr(_CODE + k), "special": False, "id": len(tokenizer) + k}
-                 for k, m in enumerate(self.token_markers)]
-        spec["added_tokens"] = spec.get("added_tokens", []) + twins
-        self.copy = Tokenizer.from_str(json.dumps(spec))
+        text = backend.to_str()
+        self.token_markers = [m for m in markers if m in {t["content"] for t in json.loads(text).get("added_tokens", [])}]
+        self.copy, self.ids = _renamed(text, self.token_markers), {}
+        if self.copy is None:
+            self.copy, self.ids = _twinned(text, self.token_markers, len(tokenizer))
         self.copy.encode_special_tokens = True
-        self.ids = {self.copy.token_to_id(chr(_CODE + k)): tokens[m]["id"] for k, m in enumerate(self.token_markers)}
         self.lowest = min(self.ids, default=None)
 
     def __getstate__(self) -> dict[str, Any]:  # workers get the copy as JSON
@@ -115,6 +114,40 @@ class Encoder:
                 ids = [self.ids.get(i, i) for i in ids]
             out.append(ids)
         return out
+
+
+def _renamed(text: str, markers: Sequence[str]) -> Any | None:
+    """The backend with each marker's added token (and vocabulary entry) spelled as its private
+    character; None where that changes any id (a vocabulary that is not a dict, say)."""
+    from tokenizers import Tokenizer
+
+    spec = json.loads(text)
+    before = {t["content"]: t["id"] for t in spec["added_tokens"]}
+    vocab = spec.get("model", {}).get("vocab")
+    renamed = {m: chr(_CODE + k) for k, m in enumerate(markers)}
+    for token in spec["added_tokens"]:
+        if token["content"] in renamed:
+            twin = renamed[token["content"]]
+            if isinstance(vocab, dict) and token["content"] in vocab:
+                vocab[twin] = vocab.pop(token["content"])
+            token.update(content=twin, special=False)
+    try:
+        copy = Tokenizer.from_str(json.dumps(spec))
+    except Exception:  # a merge that spells a marker: the renamed vocabulary cannot hold it
+        return None
+    same = all(copy.token_to_id(renamed.get(content, content)) == id for content, id in before.items())
+    return copy if same else None
+
+
+def _twinned(text: str, markers: Sequence[str], size: int) -> tuple[Any, dict[int, int]]:
+    """The backend with a twin added token per marker, and the twins' ids -> the markers'."""
+    from tokenizers import Tokenizer
+
+    spec = json.loads(text)
+    tokens = {t["content"]: t for t in spec["added_tokens"]}
+    spec["added_tokens"] += [{**tokens[m], "content": chr(_CODE + k), "special": False, "id": size + k} for k, m in enumerate(markers)]
+    copy = Tokenizer.from_str(json.dumps(spec))
+    return copy, {copy.token_to_id(chr(_CODE + k)): tokens[m]["id"] for k, m in enumerate(markers)}
 
 
 _COPIES: dict[str, Any] = {}  # a worker process builds each copy once, not once per batch it is sent
