@@ -11,12 +11,11 @@ run in one line, before any model loads.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Literal
 
 from sftcore import hookimpl
 from sftcore.errors import SftError
-from sftcore.model.adapters import PEFT_INSTALL, decoder_linear_names, require
+from sftcore.model.adapters import PEFT_INSTALL, decoder_linear_names, peft_quietly, require
 
 QLORA_INSTALL = "pip install 'sftcore[qlora]'"
 
@@ -80,11 +79,12 @@ class LoraAdapter:
 
         config = self.peft_config(model)
         try:
-            with warnings.catch_warnings():  # PEFT asks for an attribute transformers 5 renamed, on every run
-                warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+            with peft_quietly():
                 return get_peft_model(model, config)
         except ValueError as exc:  # a target_modules name the model does not have
-            raise SftError(f"adapter '{self.name}': {' '.join(str(exc).split())}") from None
+            found = decoder_linear_names(model)
+            named = ", ".join(found) if isinstance(found, list) else found
+            raise SftError(f"adapter '{self.name}': {' '.join(str(exc).split())} The decoder blocks' linear layers: {named}") from None
 
 
 class QLoraAdapter(LoraAdapter):
@@ -107,15 +107,17 @@ class QLoraAdapter(LoraAdapter):
         import torch
         from transformers import BitsAndBytesConfig
 
+        # bf16 compute where the GPU has it (Ampere on), fp16 on older cards (T4, V100).
+        compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return {"quantization_config": BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute,
         )}
 
     def apply(self, model: Any, tokenizer: Any) -> Any:
         from peft import prepare_model_for_kbit_training
 
-        # Norms in float32 and the input-grad hook: PEFT's recipe for training on a 4-bit base.
+        # Norms in float32, PEFT's recipe for training on a 4-bit base; the input-grad hook that
+        # checkpointing needs is the Trainer's to add (gradient_checkpointing_enable does).
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         return super().apply(model, tokenizer)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -132,7 +133,10 @@ def test_qlora_asks_the_loader_for_4_bits_and_the_loader_passes_them_on(monkeypa
     with monkeypatch.context() as patched:
         patched.setattr(torch.cuda, "is_available", lambda: True)
         patched.setattr(adapters.importlib.util, "find_spec", lambda name, *a: object() if name in ("bitsandbytes", "peft") else real(name, *a))
+        patched.setattr(torch.cuda, "is_bf16_supported", lambda *a: True)
         options = lora.QLoraAdapter().load_options()
+        patched.setattr(torch.cuda, "is_bf16_supported", lambda *a: False)  # a T4 or V100
+        assert lora.QLoraAdapter().load_options()["quantization_config"].bnb_4bit_compute_dtype == torch.float16
     config = options["quantization_config"]
     assert (config.load_in_4bit, config.bnb_4bit_quant_type, config.bnb_4bit_use_double_quant) == (True, "nf4", True)
     assert config.bnb_4bit_compute_dtype == torch.bfloat16
@@ -346,3 +350,29 @@ def test_a_trained_copy_of_tied_embeddings_stays_tied_to_the_head(lora, tiny_mod
     merged = tiny(tmp_path / "merged")[0]
     assert merged.config.tie_word_embeddings and merged.lm_head.weight is merged.get_input_embeddings().weight
     assert (logits(merged) - expected).abs().max().item() < 1e-5
+
+
+def test_an_old_peft_is_one_line_saying_how_to_upgrade(monkeypatch):
+    from importlib import metadata
+
+    real = metadata.version
+    monkeypatch.setattr(metadata, "version", lambda name: "0.13.0" if name == "peft" else real(name))
+    with pytest.raises(SftError) as info:
+        adapters.require("peft", "adapter 'lora'")
+    assert str(info.value) == "adapter 'lora' needs peft 0.21 or newer, and 0.13.0 is installed: pip install -U 'sftcore[lora]'"
+
+
+def test_the_extras_ask_for_the_versions_the_adapters_need():
+    import tomllib
+
+    extras = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert f"peft>={adapters.MINIMUM['peft']}" in extras["lora"]
+    assert {f"peft>={adapters.MINIMUM['peft']}", f"bitsandbytes>={adapters.MINIMUM['bitsandbytes']}"} <= set(extras["qlora"])
+    assert f"peft>={adapters.MINIMUM['peft']}" in extras["test"]
+
+
+def test_gpt2_style_conv1d_layers_are_default_targets():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=2, n_head=2))
+    assert adapters.decoder_linear_names(model) == ["c_attn", "c_fc", "c_proj"]

@@ -22,6 +22,8 @@ from sftcore.testing import make_host
 # Rows enough for a few steps of 2; the run every adapter test varies.
 TRAIN = ("--batch-size", "2", "--lr", "1e-2", "--seed", "0", "--no-progress")
 LORA_FILES = {ADAPTER_CONFIG, ADAPTER_WEIGHTS, "tokenizer.json", "tokenizer_config.json", "sft_config.yaml", "summary.json"}
+# Everything else an adapter run writes at its top level: the usual records, no model card, no model.
+RECORDS = {"sft_data.json", "loss.csv", "trainer_state.json", "training_args.bin", ".sft-lock"}
 # The tiny Llama: 106,816 parameters (lm_head tied to the embeddings); r=8 on its 14 linear layers.
 TINY_TOTAL, LORA_TRAINABLE = 106_816, 16_384
 
@@ -146,7 +148,15 @@ def test_a_run_saved_before_the_adapter_stage_is_the_same_run_without_one(tmp_pa
 
 
 @pytest.fixture(scope="module")
-def lora_run(tmp_path_factory, tiny_model_dir, rows):
+def base_digest(tiny_model_dir):
+    """The base checkpoint's weights file as it was before any adapter run here trained on it."""
+    import hashlib
+
+    return hashlib.sha256((tiny_model_dir / "model.safetensors").read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, tiny_model_dir, rows, base_digest):
     pytest.importorskip("peft")
     output = tmp_path_factory.mktemp("lora") / "run"
     with pytest.MonkeyPatch.context() as monkeypatch:
@@ -160,9 +170,8 @@ def test_an_adapter_run_saves_the_adapter_not_the_model(lora_run, tiny_model_dir
     from safetensors.torch import load_file
 
     output, result = lora_run
-    files = {p.name for p in output.iterdir()}
-    assert LORA_FILES <= files, files
-    assert not {"model.safetensors", "pytorch_model.bin"} & files  # never a copy of the base
+    files = {p.name for p in output.iterdir() if not p.name.startswith("checkpoint-")}
+    assert files == LORA_FILES | RECORDS, files  # never a copy of the base, nor PEFT's model card
     saved = load_file(output / ADAPTER_WEIGHTS)
     assert saved and all(".lora_A." in k or ".lora_B." in k for k in saved)
     summary = json.loads((output / "summary.json").read_text())
@@ -174,11 +183,14 @@ def test_an_adapter_run_saves_the_adapter_not_the_model(lora_run, tiny_model_dir
 
 
 @pytest.mark.slow
-def test_the_base_checkpoint_is_untouched_and_the_run_reloads_with_peft(lora_run, tiny_model_dir):
+def test_the_base_checkpoint_is_untouched_and_the_run_reloads_with_peft(lora_run, tiny_model_dir, base_digest):
+    import hashlib
+
     import torch
     from peft import AutoPeftModelForCausalLM
 
     output, _ = lora_run
+    assert hashlib.sha256((tiny_model_dir / "model.safetensors").read_bytes()).hexdigest() == base_digest
     ids = torch.randint(3, 500, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ours = load_adapter_model(output, tiny_model_dir).eval()(input_ids=ids).logits
@@ -213,6 +225,32 @@ def test_merge_writes_a_plain_model_with_the_adapter_models_logits(monkeypatch, 
     again = sft(monkeypatch, "merge", output, "--output", tmp_path / "merged")
     assert again.exit_code == 2
     assert error_line(again) == f"Error: {tmp_path / 'merged'} already exists and is not an empty directory; choose another --output"
+    # The merged model carries the run's records: sft generate prompts it as training did, no PEFT involved.
+    from_merged = sft(monkeypatch, "generate", "--model", tmp_path / "merged", "--instruction", "Say hi.", "--max-new-tokens", "4", "--no-progress")
+    from_run = sft(monkeypatch, "generate", "--model", output, "--instruction", "Say hi.", "--max-new-tokens", "4", "--no-progress")
+    assert from_merged.exit_code == 0 and from_run.exit_code == 0, from_merged.output + from_run.output
+    assert from_merged.stdout == from_run.stdout  # greedy: the same logits give the same answer
+
+
+@pytest.mark.slow
+def test_a_moved_base_is_named_and_base_finds_it(monkeypatch, lora_run, tiny_model_dir, tmp_path):
+    import shutil
+
+    output, _ = lora_run
+    copy = tmp_path / "run"
+    shutil.copytree(output, copy, ignore=shutil.ignore_patterns("checkpoint-*"))
+    config = (copy / "sft_config.yaml").read_text()
+    (copy / "sft_config.yaml").write_text(config.replace(str(tiny_model_dir), str(tmp_path / "gone")))
+    expected = (
+        f"Error: {copy}: its adapter goes on the model it was trained from, {tmp_path / 'gone'}, which is not there "
+        "(moved or deleted?); restore it, or pass --base PATH"
+    )
+    for args in (("merge", copy, "--output", tmp_path / "m"), ("generate", "--model", copy, "--instruction", "Hi.")):
+        result = sft(monkeypatch, *args)
+        assert result.exit_code == 2 and error_line(result) == expected, result.output
+    assert not (tmp_path / "m").exists()
+    moved = sft(monkeypatch, "merge", copy, "--output", tmp_path / "m", "--base", tiny_model_dir)
+    assert moved.exit_code == 0 and (tmp_path / "m" / "model.safetensors").is_file(), moved.output
 
 
 @pytest.mark.slow

@@ -51,22 +51,26 @@ def conversation(messages: tuple[str, ...], run_config: dict) -> dict:
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 means greedy decoding.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--show-prompt", is_flag=True, help="Print the prompt before the answer.")
+@click.option("--base", type=click.Path(), help="An adapter run's base model, if it has moved (default: its config's model).")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @click.pass_context
-def command(ctx, model, instruction, context, row_json, messages, max_new_tokens, temperature, seed, show_prompt, no_progress) -> None:
+def command(ctx, model, instruction, context, row_json, messages, max_new_tokens, temperature, seed, show_prompt, base, no_progress) -> None:
     """Generate a response with the template the run was trained with.
 
     On a chat run with no --message and a terminal on stdin: a conversation, one line a message.
     """
     run_config = finished_run(model, "--model")
     from sftcore.data.prepare import model_path
+    from sftcore.model.adapters import adapter_base
+
+    base = adapter_base(model, base or model_path(run_config))
     from sftcore.model.weights import transformers_bars
 
     settings = {"max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed}
     if not (row_json or instruction is not None or messages) and run_config["template"]["name"] == "chat" and sys.stdin.isatty():
         prompt = prompter(host_from(ctx), run_config, model)
         with transformers_bars(not no_progress):
-            loaded = load(model, base=model_path(run_config))
+            loaded = load(model, base=base)
         chat_loop(lambda history: answer(*loaded, prompt(conversation(history, run_config)), **settings))
         return
     if messages:
@@ -87,7 +91,7 @@ def command(ctx, model, instruction, context, row_json, messages, max_new_tokens
     if show_prompt:
         click.echo(prompt)
     with transformers_bars(not no_progress):
-        click.echo(generate(model, prompt, max_new_tokens, temperature, seed, base=model_path(run_config)))
+        click.echo(generate(model, prompt, max_new_tokens, temperature, seed, base=base))
 
 
 def chat_loop(reply, read=input, write=click.echo) -> None:

@@ -14,6 +14,9 @@ import importlib.util
 import os
 import shutil
 import tempfile
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +25,46 @@ from sftcore.errors import SftError, UsageError
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_INSTALL = "pip install 'sftcore[lora]'"
+# The oldest of each package the adapters run with (transformers 5.17 needs peft 0.19.1; 0.21 is
+# the one tested); pyproject's extras ask for the same (tests/test_adapters.py keeps them in step).
+MINIMUM = {"peft": "0.21", "bitsandbytes": "0.43"}
+MODEL_CARD = "README.md"  # PEFT's model card, written beside every adapter it saves
 
 
 def require(package: str, who: str, install: str = PEFT_INSTALL) -> None:
-    """Stop in one line when ``package`` is not installed; ``who`` needs it, ``install`` installs it."""
+    """Stop in one line when ``package`` is not installed, or older than `MINIMUM` allows; ``who``
+    needs it, ``install`` installs it."""
     if importlib.util.find_spec(package) is None:
         raise SftError(f"{who} needs the {package} package, which is not installed: {install}")
+    from importlib import metadata
+
+    from packaging.version import Version
+
+    try:
+        installed = metadata.version(package)
+    except metadata.PackageNotFoundError:  # importable without metadata (a source tree): nothing to compare
+        return
+    if package in MINIMUM and Version(installed) < Version(MINIMUM[package]):
+        raise SftError(f"{who} needs {package} {MINIMUM[package]} or newer, and {installed} is installed: {install.replace('pip install', 'pip install -U', 1)}")
+
+
+@contextmanager
+def peft_quietly() -> Iterator[None]:
+    """PEFT reads ``is_gradient_checkpointing``, which transformers 5 deprecates: a FutureWarning
+    with traceback lines on every model it wraps or loads, about nothing the user can change."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        yield
+
+
+def adapter_base(run: str | os.PathLike, base: str | os.PathLike, flag: str = "--base") -> str:
+    """``base`` when the checkpoint an adapter run's adapter goes on is there; refused in one line otherwise."""
+    if is_adapter_dir(run) and not (Path(base) / "config.json").is_file():
+        raise UsageError(
+            f"{run}: its adapter goes on the model it was trained from, {base}, which is not there "
+            f"(moved or deleted?); restore it, or pass {flag} PATH"
+        )
+    return str(base)
 
 
 def is_adapter_dir(path: str | os.PathLike) -> bool:
@@ -59,14 +96,17 @@ def decoder_linear_names(model: Any) -> list[str] | str:
 
     import torch
 
+    from transformers.pytorch_utils import Conv1D
+
+    linear = (torch.nn.Linear, Conv1D)  # GPT-2's layers are Conv1D: a linear layer with its weight transposed
     prefix, blocks = decoder_blocks(model)
-    inside = {f"{prefix}.{name}" for name, m in blocks.named_modules() if isinstance(m, torch.nn.Linear)}
+    inside = {f"{prefix}.{name}" for name, m in blocks.named_modules() if isinstance(m, linear)}
     short = sorted({name.rpartition(".")[2] for name in inside})
     if not short:
         raise SftError(f"the decoder blocks of {type(model).__name__} hold no linear layer; name the layers with --adapter-opt target_modules=[...]")
     outside = {
         name.rpartition(".")[2] for name, m in model.named_modules()
-        if isinstance(m, torch.nn.Linear) and name not in inside
+        if isinstance(m, linear) and name not in inside
     }
     if not outside & set(short):
         return short
@@ -112,7 +152,7 @@ def load_adapter_model(run: str | os.PathLike, base: str | os.PathLike, dtype: A
     rows = saved_embedding_rows(run, model)
     if rows is not None and rows != model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(rows, mean_resizing=False)  # the saved rows replace them all
-    with loading("adapter", str(run)):
+    with loading("adapter", str(run)), peft_quietly():
         return PeftModel.from_pretrained(model, str(run))
 
 
@@ -131,12 +171,16 @@ def saved_embedding_rows(run: str | os.PathLike, model: Any) -> int | None:
     return None
 
 
-def merge(run: str | os.PathLike, base: str | os.PathLike, output: str | os.PathLike) -> list[str]:
+def merge(
+    run: str | os.PathLike, base: str | os.PathLike, output: str | os.PathLike, records: tuple[str, ...] = ()
+) -> list[str]:
     """Fold the run's adapter into ``base`` and save a plain checkpoint (safetensors) with the
-    run's tokenizer in ``output``; return the files written.
+    run's tokenizer and its ``records`` (file names, copied) in ``output``; return the files written.
 
-    Merged in float32 and saved in the base's own precision, so bf16 rounding happens once. The
-    checkpoint is written beside ``output`` and renamed into place: a failed merge leaves nothing.
+    Merged in float32 on the CPU (memory: 4 bytes a parameter) and saved in the base's own
+    precision, so bf16 rounding happens once. A qlora run merges into the full-precision base, not
+    the 4-bit one it trained on. The checkpoint is written beside ``output`` and renamed into place:
+    a failed merge leaves nothing.
     """
     import torch
     from transformers import AutoConfig, AutoTokenizer
@@ -155,6 +199,8 @@ def merge(run: str | os.PathLike, base: str | os.PathLike, output: str | os.Path
     try:
         model.save_pretrained(staging)
         AutoTokenizer.from_pretrained(str(run)).save_pretrained(staging)
+        for name in records:
+            shutil.copy2(run / name, staging / name)
         if output.exists():
             output.rmdir()  # empty, checked above
         staging.rename(output)

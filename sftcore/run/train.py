@@ -138,7 +138,7 @@ def fit(
 ) -> Summary:
     """Load the model, put the adapter on it, train on the prepared rows (from ``checkpoint`` on, if
     given), save (files: the main process only)."""
-    from sftcore.model.adapters import parameter_counts, parameters_line
+    from sftcore.model.adapters import MODEL_CARD, is_adapter_dir, parameter_counts, parameters_line
     from sftcore.run.checkpoints import logged_losses
     from sftcore.run.outdir import CONFIG_FILE, record_data
     from sftcore.run.interrupt import Diverged, MarkComplete, NoFinalCheckpoint, StopOnNonFinite, StopOnSignal, interrupted
@@ -192,6 +192,8 @@ def fit(
     # Every process: FSDP and DeepSpeed gather the weights for it; the main process writes.
     trainer.save_model(str(output))  # weights (safetensors) and tokenizer, no optimizer state
     trainer.save_state()
+    if main and is_adapter_dir(output) and before.get(MODEL_CARD) != file_stamps(output).get(MODEL_CARD):
+        (output / MODEL_CARD).unlink(missing_ok=True)  # PEFT's card of blanks, naming a cache path as the base
     model_files = sorted(name for name, stamp in file_stamps(output).items() if before.get(name) != stamp) if main else []
     # Each process counted only the batches it collated.
     collator.real_tokens, collator.positions = distributed.summed(collator.real_tokens, collator.positions)
