@@ -61,9 +61,10 @@ def command(ctx, model, instruction, context, row_json, messages, max_new_tokens
     """
     run_config = finished_run(model, "--model")
     from sftcore.data.prepare import model_path
-    from sftcore.model.adapters import adapter_base
+    from sftcore.model.adapters import adapter_base, is_adapter_dir
 
-    base = adapter_base(model, base or model_path(run_config))
+    if is_adapter_dir(model):  # only then is the base needed (the built-in one is made on first use)
+        base = adapter_base(model, base or model_path(run_config))
     from sftcore.model.weights import transformers_bars
 
     settings = {"max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed}
