@@ -82,3 +82,13 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 def json_lines(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def pretend_packages(monkeypatch, *, missing: tuple[str, ...] = (), present: tuple[str, ...] = ()) -> None:
+    """As if ``missing`` were not installed and ``present`` were, for the adapters' package checks."""
+    from sftcore.model import adapters
+
+    real = adapters.importlib.util.find_spec
+    fake = {**{name: None for name in missing}, **{name: object() for name in present}}
+    monkeypatch.setattr(adapters.importlib.util, "find_spec", lambda name, *a: fake[name] if name in fake else real(name, *a))
+

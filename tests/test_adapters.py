@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 import pytest
+from cli_runs import pretend_packages
 
 from sftcore.errors import SftError, UsageError
 from sftcore.model import adapters
@@ -99,8 +100,7 @@ def test_tied_weights_count_once(tiny_model_dir):
 def test_missing_peft_is_one_line_before_anything_loads(monkeypatch):
     from sftcore_plugins import lora
 
-    real = adapters.importlib.util.find_spec
-    monkeypatch.setattr(adapters.importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a))
+    pretend_packages(monkeypatch, missing=("peft",))
     with pytest.raises(SftError) as info:
         lora.LoraAdapter()
     assert str(info.value) == "adapter 'lora' needs the peft package, which is not installed: pip install 'sftcore[lora]'"
@@ -129,10 +129,9 @@ def test_qlora_asks_the_loader_for_4_bits_and_the_loader_passes_them_on(monkeypa
     from sftcore_plugins import lora
     from sftcore_plugins.flash import FlashLoader
 
-    real = adapters.importlib.util.find_spec
     with monkeypatch.context() as patched:
         patched.setattr(torch.cuda, "is_available", lambda: True)
-        patched.setattr(adapters.importlib.util, "find_spec", lambda name, *a: object() if name in ("bitsandbytes", "peft") else real(name, *a))
+        pretend_packages(patched, present=("bitsandbytes", "peft"))
         patched.setattr(torch.cuda, "is_bf16_supported", lambda *a: True)
         options = lora.QLoraAdapter().load_options()
         patched.setattr(torch.cuda, "is_bf16_supported", lambda *a: False)  # a T4 or V100

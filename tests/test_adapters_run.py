@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 import pytest
-from cli_runs import ROWS, forbid_model_loading, loss_points, sft, write_jsonl
+from cli_runs import ROWS, forbid_model_loading, loss_points, pretend_packages, sft, write_jsonl
 from test_resume import CtrlC, own_signal_handlers, sft_process, sigkill_once_written  # noqa: F401  (a fixture)
 
 from sftcore import hookimpl
@@ -83,10 +83,7 @@ def test_a_bad_value_is_one_line_before_anything_loads(monkeypatch, tmp_path, ti
 
 
 def test_missing_peft_is_one_line_with_the_install_command(monkeypatch, tmp_path, tiny_model_dir, rows):
-    from sftcore.model import adapters
-
-    real = adapters.importlib.util.find_spec
-    monkeypatch.setattr(adapters.importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a))
+    pretend_packages(monkeypatch, missing=("peft",))
     forbid_model_loading(monkeypatch)
     result = run(monkeypatch, tiny_model_dir, rows, tmp_path / "out", "--adapter", "lora")
     assert result.exit_code == 1, result.output
@@ -95,10 +92,7 @@ def test_missing_peft_is_one_line_with_the_install_command(monkeypatch, tmp_path
 
 
 def test_missing_peft_stops_nproc_before_torchrun_starts(monkeypatch, tmp_path, tiny_model_dir, rows):
-    from sftcore.model import adapters
-
-    real = adapters.importlib.util.find_spec
-    monkeypatch.setattr(adapters.importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a))
+    pretend_packages(monkeypatch, missing=("peft",))
     monkeypatch.setattr("sftcore.run.distributed.relaunch", lambda nproc: pytest.fail("torchrun was started"))
     result = run(monkeypatch, tiny_model_dir, rows, tmp_path / "out", "--adapter", "lora", "--nproc", "2")
     assert result.exit_code == 1, result.output
@@ -496,11 +490,9 @@ def test_a_pad_token_the_loader_added_is_saved_with_the_adapter(monkeypatch, tmp
 
 @pytest.mark.slow
 def test_generate_and_merge_without_peft_say_how_to_install_it(monkeypatch, lora_run, tmp_path):
-    from sftcore.model import adapters
 
     output, _ = lora_run
-    real = adapters.importlib.util.find_spec
-    monkeypatch.setattr(adapters.importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a))
+    pretend_packages(monkeypatch, missing=("peft",))
     expected = f"Error: the adapter run {output} needs the peft package, which is not installed: pip install 'sftcore[lora]'"
     merged = sft(monkeypatch, "merge", output, "--output", tmp_path / "merged")
     answer = sft(monkeypatch, "generate", "--model", output, "--instruction", "Say hello.", "--no-progress")
