@@ -11,6 +11,7 @@ from typing import Any
 
 from sftcore import hookimpl
 from sftcore.errors import FieldError
+from sftcore.protocols import Segment
 
 HEAD_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -39,9 +40,10 @@ class AlpacaTemplate:
             return f"{HEAD_INPUT}### Instruction:\n{instruction}\n\n### Input:\n{context}\n\n### {self.marker}:\n"
         return f"{HEAD_NO_INPUT}### Instruction:\n{instruction}\n\n### {self.marker}:\n"
 
-    def format(self, example: Mapping[str, Any]) -> tuple[str, str]:
+    def format(self, example: Mapping[str, Any]) -> list[Segment]:
+        """Two segments: the prompt, then the response, trained and followed by EOS."""
         prompt = self.format_prompt(example)  # the fields in reading order: a row missing all names instruction
-        return prompt, _text(example, self.fields[2], required=True).strip()
+        return [Segment(prompt), Segment(_text(example, self.fields[2], required=True).strip(), trained=True, eos=True)]
 
 
 def _text(example: Mapping[str, Any], field: str, *, required: bool) -> str:

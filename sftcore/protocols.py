@@ -32,8 +32,8 @@ class Template(Protocol):
         Segments: ordered texts, each ``trained`` or not; a masker puts before each trained one
         the inference prompt's ids (all the text before it, since a ``restart``, tokenized as one
         prompt) and encodes it on its own. The ``chat`` template returns them (one untrained and
-        one trained per assistant turn); a pair reads as ``[Segment(prompt), Segment(response,
-        trained=True, eos=True)]``.
+        one trained per assistant turn), the ``alpaca`` templates two; a pair reads as
+        ``[Segment(prompt), Segment(response, trained=True, eos=True)]``.
 
         ``prompt`` is exactly the text a user sends at inference (``sft generate`` formats
         with the same template). ``response`` is the text to learn, without an EOS marker:

@@ -121,7 +121,7 @@ def test_column_name_options(factory):
 
 def test_templates_build_from_the_registry_with_options(builtin_host):
     template = builtin_host.registry.build("template", "alpaca-output", {"output_field": "completion"})
-    assert template.format({"instruction": "I", "completion": "C"}) == (
+    assert template.format({"instruction": "I", "completion": "C"}) == [  # segments: prompt, then response
         STANFORD_NO_INPUT.format(instruction="I").replace("Response", "Output") + "\n",
         "C",
-    )
+    ]

@@ -178,8 +178,8 @@ class ChatMLMasker:
     def _choose(self, segments: list[Segment], eos_is_end: bool) -> list[Segment]:
         """The turns that learn (all, or the last), the last one ending with EOS."""
         last = max(i for i, s in enumerate(segments) if s.trained)
-        out = [s._replace(trained=False) if s.trained and self.train_on == "last" and i != last else s for i, s in enumerate(segments)]
-        out[last] = out[last]._replace(eos=not eos_is_end)
+        out = [s.replace(trained=False) if s.trained and self.train_on == "last" and i != last else s for i, s in enumerate(segments)]
+        out[last] = out[last].replace(eos=not eos_is_end)
         return out
 
     def _fit(self, prompt: list[int], reply: list[int], n_prefix: int, max_length: int) -> dict:

@@ -16,20 +16,39 @@ from typing import Any, NamedTuple
 from sftcore.tokens import Marked, encode_marked, encode_texts, special_affixes
 
 
-class Segment(NamedTuple):
-    """One piece of a formatted row.
+class Segment(str):
+    """One piece of a formatted row: its text (the segment reads and compares as it), and how it trains.
 
     ``trained``: its ids are supervised. ``eos``: the tokenizer's EOS id follows it (trained with
     it). ``restart``: the text before it is not its context; it begins a new row (a chat template
     whose rendering of later turns changes earlier ones). ``left_out``: why a reply that is in the
-    text was not trained (counted); such a segment is never trained.
+    text was not trained (counted); such a segment is never trained. ``text`` is the text as the
+    template gave it (a `Marked` or `Rendered` keeps its markers there). A pair of segments
+    unpacks as ``prompt, response``, as a template's pair does.
     """
 
     text: str
-    trained: bool = False
-    eos: bool = False
-    restart: bool = False
-    left_out: str = ""
+    trained: bool
+    eos: bool
+    restart: bool
+    left_out: str
+
+    def __new__(cls, text: str, trained: bool = False, eos: bool = False, restart: bool = False, left_out: str = "") -> Segment:
+        segment = super().__new__(cls, text)
+        segment.text, segment.trained, segment.eos, segment.restart, segment.left_out = text, trained, eos, restart, left_out
+        return segment
+
+    def replace(self, **changes: Any) -> Segment:
+        """A copy with some of ``trained``, ``eos``, ``restart``, ``left_out`` (or ``text``) changed."""
+        fields = {"text": self.text, "trained": self.trained, "eos": self.eos, "restart": self.restart, "left_out": self.left_out}
+        return Segment(**{**fields, **changes})
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return Segment, (self.text, self.trained, self.eos, self.restart, self.left_out)
+
+    def __repr__(self) -> str:
+        flags = "".join(f", {k}={getattr(self, k)!r}" for k in ("trained", "eos", "restart", "left_out") if getattr(self, k))
+        return f"Segment({self.text!r}{flags})"
 
 
 def template_answer(result: Any, wrong: Any, kind: Any) -> Any:
