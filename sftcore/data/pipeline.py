@@ -34,7 +34,7 @@ class Formatted:
     row: int
     prompt: str
     response: str
-    segments: tuple | None = None  # a template's `sftcore.protocols.Segment`s; prompt and response then join their texts
+    segments: tuple | None = None  # a conversation's `sftcore.protocols.Segment`s (a pair is its prompt and response)
 
 
 @dataclass
@@ -224,10 +224,11 @@ def as_formatted(number: int, result: Any) -> Formatted:
     trained turn's inference prompt (the history before it) and text, which duplicates are found by."""
     segments = as_segments(result)
     pair = pair_of(segments)
-    if pair is None:
-        turns = turns_of(segments)[0]
-        pair = (turns[-1].prompt, turns[-1].reply) if turns else (join([s.text for s in segments]), "")
-    return Formatted(number, pair[0], pair[1], tuple(segments))
+    if pair is not None:  # kept as its two texts: a segment holds a copy, and data sets run to gigabytes
+        return Formatted(number, pair[0], pair[1])
+    turns = turns_of(segments)[0]
+    prompt, response = (turns[-1].prompt, turns[-1].reply) if turns else (join([s.text for s in segments]), "")
+    return Formatted(number, prompt, response, tuple(segments))
 
 
 def is_new(
