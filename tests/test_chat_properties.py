@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from chat_families import FAMILIES, MISTRAL, gemma, mistral_template, or_skip, real_qwen, templates
 from sftcore import IGNORE_INDEX
 from sftcore.data.chat import ChatRenderer, probe
-from sftcore.data.segments import encode_any, encode_prompt_texts, fit_whole, mask_examples
+from sftcore.data.segments import encode_prompt_texts, fit_whole, mask_examples
 from sftcore.errors import UsageError
 from sftcore.testing import supervised_runs
 
