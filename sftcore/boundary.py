@@ -139,7 +139,7 @@ def kind(value: Any) -> str:
 
 
 def plugin_label(plugin: str, distribution: str | None = None, version: str | None = None) -> str:
-    """``'pad' (sftcore 0.1.0)``: how every message names a plugin."""
+    """``'pad' (sftcore 0.2.0)``: how every message names a plugin."""
     where = " ".join(part for part in (distribution, version) if part)
     return f"'{plugin}' ({where})" if where else f"'{plugin}'"
 
@@ -155,7 +155,7 @@ def disable_hint(plugin: str, *, flag: bool = False) -> str:
 
 
 def component_origin(component: Any) -> str:
-    """``collator 'pad' of plugin 'pad' (sftcore 0.1.0)``: how messages name a registered component."""
+    """``collator 'pad' of plugin 'pad' (sftcore 0.2.0)``: how messages name a registered component."""
     return f"{component.stage} '{component.name}' of plugin {plugin_label(component.plugin, component.distribution, component.version)}"
 
 
