@@ -40,15 +40,17 @@ class Template(Protocol):
         the masker appends EOS as a token id. Raise ``sftcore.errors.FieldError`` for a row
         that cannot be formatted (missing, mistyped or empty field); the host adds file and row.
 
-        Checked: a tuple or list of exactly two ``str`` (``sftcore.tokens.Marked`` is one).
+        Checked: a non-empty list of `Segment` with ``str`` texts, or a tuple or list of exactly two
+        ``str`` (``sftcore.tokens.Marked`` is one).
         """
         ...
 
     def format_prompt(self, example: Mapping[str, Any]) -> str:
         """The inference prompt for a row that has no response (``sft generate`` uses it).
 
-        Contract: ``format(example)[0] == format_prompt(example)`` for every row ``format``
-        accepts, so training and inference prompts cannot drift apart.
+        Contract: for a row ``format`` accepts, the text before its first trained segment (a pair's
+        prompt) is ``format_prompt`` of that row without its response; for a conversation, of the
+        conversation up to its last trained turn. Training and inference prompts cannot drift apart.
 
         Checked: a ``str``.
         """

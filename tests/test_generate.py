@@ -107,3 +107,13 @@ def test_usage_errors_need_no_model(monkeypatch, tmp_path, args, message):
     result = sft(monkeypatch, "generate", "--model", run, *args)
     assert result.exit_code == 2
     assert message in result.stderr and len(result.stderr.splitlines()) == 1, result.stderr
+
+
+def test_an_even_number_of_messages_leaves_nothing_to_answer():
+    from sftcore.commands.generate import conversation
+    from sftcore.errors import UsageError
+
+    config = {"template": {"name": "chat", "options": {}}}
+    assert conversation(("Hi", "Hello.", "More?"), config)["messages"][-1] == {"role": "user", "content": "More?"}
+    with pytest.raises(UsageError, match=r"^--message was given 2 times: give an odd number, user first"):
+        conversation(("Hi", "Hello."), config)

@@ -111,3 +111,24 @@ def test_preview_with_no_arguments_shows_the_demo(monkeypatch):
     first = json_lines(DEMO_DATA.read_text())[0]
     assert record["row"] == 1 and record["response"] == first["output"]
     assert first["instruction"] in record["prompt"]
+
+
+@pytest.fixture(scope="module")
+def trl_templates(tmp_path_factory):
+    from chat_families import or_skip, templates
+
+    return or_skip(lambda: templates(tmp_path_factory.mktemp("trl")), "trl's chat templates")
+
+
+def test_a_split_conversations_records_each_carry_their_own_turn(monkeypatch, tmp_path, trl_templates):
+    from test_chat import TWO_TURNS, tokenizer_dir
+
+    tok_dir = tokenizer_dir(tmp_path, trl_templates, "qwen3")  # Qwen3 renders each turn in a row of its own
+    data = write_jsonl(tmp_path / "chat.jsonl", [TWO_TURNS])
+    done = sft(monkeypatch, "preview", "--tokenizer", tok_dir, "--data", data, "--template", "chat", "--json")
+    assert done.exit_code == 0, done.output
+    first, second = json_lines(done.output)
+    # Qwen3 writes an empty reasoning block before the reply it trains, the model's own to generate.
+    assert (first["response"], second["response"]) == ("<think>\n\n</think>\n\nHello.<|im_end|>", "<think>\n\n</think>\n\nYes.<|im_end|>")
+    assert first["prompt"].endswith("<|im_start|>assistant\n") and "Yes." not in first["prompt"]
+    assert second["prompt"].count("<|im_start|>user") == 2

@@ -35,6 +35,11 @@ def prompter(host, run_config: dict, model: str | None = None):
 
 def conversation(messages: tuple[str, ...], run_config: dict) -> dict:
     """``--message`` texts in turn, user first (user, assistant, user...), as a row of the run's template."""
+    if len(messages) % 2 == 0:  # the last would be the assistant's, and there would be nothing to answer
+        raise UsageError(
+            f"--message was given {len(messages)} times: give an odd number, user first (user, assistant, "
+            "user...), and the model answers the last"
+        )
     field = run_config["template"]["options"].get("messages_field", "messages")
     roles = ("user", "assistant")
     return {field: [{"role": roles[i % 2], "content": text} for i, text in enumerate(messages)]}

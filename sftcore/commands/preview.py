@@ -44,8 +44,11 @@ def command(ctx: click.Context, config_file, tokenizer_path, limit, as_json, **v
     for row in prepared.rows:
         masked.setdefault(row["row"], []).append(row)
     for item in items:
-        for row in masked.get(item.row, [None]):
+        rows = masked.get(item.row, [None])
+        for row in rows:
             record = {"row": item.row, "prompt": item.prompt, "response": item.response}
+            if len(rows) > 1:  # a conversation split into rows, a trained turn each: that turn's texts
+                record.update(split_texts(tokenizer, row))
             if row is None:
                 record["dropped"] = prepared.dropped_rows[item.row]
             else:
@@ -83,3 +86,13 @@ def show(tokenizer, record: dict) -> None:
             parts.append(f"[[{text}]]" if trained else text)
     click.echo("".join(parts))
     click.echo("")
+
+
+def split_texts(tokenizer, row: dict) -> dict[str, str]:
+    """``prompt`` and ``response`` of one row of a split conversation: the text before its trained
+    turn and the turn's trained text, decoded from the row's own ids."""
+    ids, labels = list(row["input_ids"]), list(row["labels"])
+    first = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(ids))
+    trained = [i for i, label in zip(ids, labels) if label != IGNORE_INDEX]
+    return {"prompt": tokenizer.decode(ids[:first]), "response": tokenizer.decode(trained)}
+
