@@ -176,6 +176,17 @@ def deepseek() -> PreTrainedTokenizerFast:
     return _wrap(tok, bos_token=specials[0], eos_token=specials[1], pad_token=specials[1], additional_special_tokens=specials[2:])
 
 
+@functools.cache
+def harmony() -> PreTrainedTokenizerFast:
+    """gpt-oss (harmony): EOS ``<|return|>``, which ends the last assistant turn; ``<|end|>`` closes
+    every other message; ``<|start|>``, ``<|channel|>``, ``<|message|>``... special."""
+    specials = ["<|startoftext|>", "<|endoftext|>", "<|return|>", "<|constrain|>", "<|channel|>", "<|start|>", "<|end|>",
+                "<|message|>", "<|call|>"]
+    tok = _train(_byte_level(QWEN_SPLIT), specials, byte_level=True)
+    tok.decoder = decoders.ByteLevel()
+    return _wrap(tok, eos_token="<|return|>", pad_token="<|endoftext|>", additional_special_tokens=specials)
+
+
 MISTRAL_WHEEL = "mistral-common==1.13.1"
 MISTRAL_NEEDS = ["requests", "pillow", "jsonschema", "tiktoken", "pydantic-extra-types[pycountry]"]
 MISTRAL_TEMPLATE = """
@@ -308,6 +319,10 @@ FAMILIES = {
     "deepseek_r1_distill": Family("deepseek_r1_distill.jinja", deepseek, True,
                                   lambda c, last: c.split("</think>")[-1] + "<｜end▁of▁sentence｜>",
                                   ("<｜begin▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>", "<｜end▁of▁sentence｜>"), refused=True),
+    # The generation prompt ends "<|start|>assistant": the model writes its channel, the message and <|return|>.
+    # Earlier turns end <|end|> in a later turn's history, so each turn trains in a row of its own.
+    "gptoss": Family("gptoss.jinja", harmony, True, lambda c, last: f"<|channel|>final<|message|>{c}<|return|>",
+                     ("<|start|>", "<|channel|>", "<|message|>", "<|end|>", "<|return|>", "<|call|>"), splits=True),
 }
 # Mistral's template is made by mistral-common at test time (`mistral_template`), not read from trl's wheel.
 # It writes the system message into the last user turn, so with one, every turn trains in a row of its own.

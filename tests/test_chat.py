@@ -90,6 +90,38 @@ def test_a_template_that_cannot_be_trained_honestly_is_refused(monkeypatch, tmp_
     )
 
 
+def test_harmony_trains_everything_after_its_generation_prompt_through_return(monkeypatch, tmp_path, chat_templates):
+    tok_dir = tokenizer_dir(tmp_path, chat_templates, "gptoss")
+    done = preview(monkeypatch, tok_dir, write_jsonl(tmp_path / "chat.jsonl", [TWO_TURNS]), "--json")
+    assert done.exit_code == 0, done.output
+    tok = FAMILIES["gptoss"].tokenizer()
+    first, second = json_lines(done.output)  # in a later turn's history a reply ends <|end|>: a row each
+    for record, reply in ((first, "Hello."), (second, "Yes.")):
+        trained = [i for i, label in zip(record["input_ids"], record["labels"]) if label != IGNORE_INDEX]
+        assert tok.decode(trained) == f"<|channel|>final<|message|>{reply}<|return|>"
+        assert tok.decode(record["input_ids"][: record["labels"].index(trained[0])]).endswith("<|end|><|start|>assistant")
+
+
+NO_GENERATION_PROMPT = "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+EMPTY_REPLY = NO_GENERATION_PROMPT.replace("m['content'] + ", "") + "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+
+
+@pytest.mark.parametrize("text, refusal", [
+    (NO_GENERATION_PROMPT, "adds nothing for add_generation_prompt, so the assistant's role header would be trained as its "
+     "reply; pass --template-opt chat_template=FILE.jinja with a template that writes the assistant header when "
+     "add_generation_prompt is set"),
+    (EMPTY_REPLY, "writes '<|im_end|>' for the reply 'Hi there.', no content before its end marker; pass --template-opt "
+     "chat_template=FILE.jinja with a template that writes the reply"),
+])
+def test_a_template_that_would_train_no_reply_is_refused(monkeypatch, tmp_path, text, refusal):
+    FAMILIES["qwen2_5"].tokenizer().save_pretrained(tmp_path / "plain")
+    (tmp_path / "t.jinja").write_text(text, encoding="utf-8")
+    done = preview(monkeypatch, tmp_path / "plain", write_jsonl(tmp_path / "chat.jsonl", [TWO_TURNS]),
+                   "--template-opt", f"chat_template={tmp_path / 't.jinja'}")
+    assert done.exit_code != 0
+    assert done.output.strip().splitlines()[-1] == f"Error: the chat template t.jinja {refusal}"
+
+
 def test_a_tokenizer_without_a_chat_template_asks_for_one(monkeypatch, tmp_path, chat_templates):
     tok = FAMILIES["qwen2_5"].tokenizer()
     tok.save_pretrained(tmp_path / "plain")

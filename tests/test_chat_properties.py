@@ -85,11 +85,12 @@ def check(family, tok, text: str, renderer: ChatRenderer, messages: list[dict]) 
                 if family.exact_decode:  # a SentencePiece decoder reads a '▁' in the text as a space
                     assert tok.decode(ids[:start]).replace("▁", " ") == prompt_text.replace("▁", " ")
                     assert tok.decode(ids[start:end]).replace("▁", " ") == reply_text.replace("▁", " ")
-            # No message text became a control token: the prompt holds the template's markers only,
-            # the reply one, its end marker, last.
+            # No message text became a control token: the prompt and the reply hold the template's markers
+            # only, the reply its end marker last.
             template_markers = tok.apply_chat_template(sanitized[:i], chat_template=text, add_generation_prompt=True, tokenize=False)
             assert Counter(controls[t] for t in ids[:start] if t in controls) == _count(template_markers, specials), where
-            assert [controls[t] for t in ids[start:end] if t in controls] == [end_marker], where
+            reply_markers = family.reply(sanitized[i]["content"], i == replies[-1])
+            assert [controls[t] for t in ids[start:end] if t in controls] == _found(reply_markers, specials), where
             assert ids[end - 1] == tok.convert_tokens_to_ids(end_marker), where
             assert labels[start:end] == ids[start:end]
             turn += 1
@@ -105,8 +106,12 @@ def _sanitize(content: str, specials: list[str]) -> str:
     return content
 
 
+def _found(text: str, specials: list[str]) -> list[str]:
+    return re.findall("|".join(map(re.escape, specials)), text)
+
+
 def _count(text: str, specials: list[str]) -> Counter:
-    return Counter(re.findall("|".join(map(re.escape, specials)), text))
+    return Counter(_found(text, specials))
 
 
 def renderer_for(name: str, chat_templates):

@@ -3,8 +3,9 @@
 For every assistant turn *i*, the prompt is the template's rendering of ``messages[:i]`` with
 ``add_generation_prompt=True``, exactly what a chat server tokenizes at inference; the reply is
 what the template writes after that prompt in its rendering of ``messages[:i + 1]``, through
-the first marker after the content (``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``,
-``<|end|>``, EOS) and nothing after it (not the newline after ``<|im_end|>``).
+the first end-of-turn marker (``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``, ``<|end|>``,
+EOS; harmony's ``<|return|>``) and nothing after it (not the newline after ``<|im_end|>``); other
+special tokens in the reply (harmony's ``<|channel|>``) are the model's to write, so trained.
 
 Marker strings written inside a message stay text: contents are escaped to private characters
 before rendering, so every marker left in the rendering is the template's own, and only those
@@ -26,6 +27,8 @@ ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 # Ends of a turn that a tokenizer may lack as tokens (ChatML on a tokenizer without <|im_end|>): still markers.
 END_TEXTS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<｜end▁of▁sentence｜>")
+# Harmony (gpt-oss) closes each message with <|end|>, an analysis one inside a turn too; only these end the turn.
+HARMONY_ENDS = ("<|return|>", "<|call|>")
 REASONING_TAGS = frozenset({"<think>", "</think>"})
 # Private-use code points standing for markers: content escapes from _ESCAPE, template tokens from _CODE.
 _ESCAPE, _CODE, _END = 0x10F000, 0x10F800, 0x110000
@@ -182,6 +185,10 @@ class ChatRenderer:
         self.markers = markers
         self.index = {m: k for k, m in enumerate(markers)}
         self.find = re.compile("|".join(map(re.escape, markers)))
+        harmony = "<|return|>" in specials
+        ends = HARMONY_ENDS if harmony else (*END_TEXTS, str(tokenizer.eos_token or ""))
+        self.ends = [m for m in markers if m in ends]
+        self.end_find = re.compile("|".join(map(re.escape, self.ends)))
         self.encoder = Encoder(tokenizer, markers)
         coded = {m: chr(_CODE + k) for k, m in enumerate(self.encoder.token_markers)}
         escaped = {chr(_ESCAPE + k): m for k, m in enumerate(markers)}
@@ -208,11 +215,11 @@ class ChatRenderer:
         return Rendered(readable, coded, self.encoder)
 
     def reply(self, prompt: str, whole: str) -> tuple[str, str]:
-        """``(reply, "")``: the text after ``prompt`` in ``whole`` through its first marker; or
-        ``("", reason)`` where the turn cannot be trained on its inference prompt."""
+        """``(reply, "")``: the text after ``prompt`` in ``whole`` through its first end-of-turn
+        marker; or ``("", reason)`` where the turn cannot be trained on its inference prompt."""
         if not whole.startswith(prompt):
             return "", "reply-not-after-prompt"
-        end = self.find.search(whole, len(prompt))
+        end = self.end_find.search(whole, len(prompt))
         if end is None:
             return "", "no-end-marker"
         return whole[len(prompt) : end.end()], ""
@@ -266,16 +273,29 @@ def template_text(tokenizer: Any, path: str | None) -> tuple[str, str]:
 
 
 def probe(renderer: ChatRenderer) -> None:
-    """Refuse, in one line, a template whose replies never continue their generation prompt
-    (one that opens ``<think>`` in the prompt but renders turns without it): no turn could be
-    trained on the prompt the model gets at inference."""
+    """Refuse, in one line, a template no turn of which could be trained honestly: one whose
+    generation prompt adds nothing (the role header would be learned), whose replies never
+    continue their generation prompt (one that opens ``<think>`` in the prompt but renders turns
+    without it), or whose reply holds no content before its end marker."""
     messages = [{"role": "user", "content": "Hello."}, {"role": "assistant", "content": "Hi there."}]
     escaped = renderer.escape(messages)
     try:
         prompt, whole = renderer.render(escaped[:1], True), renderer.render(escaped, False)
+        bare = renderer.render(escaped[:1], False)
     except FieldError:
         return  # a template with rules of its own (a required system message): each row's error says so
-    _, reason = renderer.reply(prompt, whole)
+    if prompt == bare:
+        raise UsageError(
+            f"the chat template {renderer.name} adds nothing for add_generation_prompt, so the assistant's role header "
+            "would be trained as its reply; pass --template-opt chat_template=FILE.jinja with a template that writes "
+            "the assistant header when add_generation_prompt is set"
+        )
+    reply, reason = renderer.reply(prompt, whole)
+    if not reason and messages[1]["content"] not in reply[: renderer.end_find.search(reply).start()]:
+        raise UsageError(
+            f"the chat template {renderer.name} writes {str(renderer.text(reply))!r} for the reply 'Hi there.', no content "
+            "before its end marker; pass --template-opt chat_template=FILE.jinja with a template that writes the reply"
+        )
     if reason == "reply-not-after-prompt":
         opened = renderer.text(prompt[_common(prompt, whole) :])
         raise UsageError(
