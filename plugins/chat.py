@@ -65,7 +65,7 @@ class ChatTemplate:
         return self.renderer.prompt(messages)
 
     def messages(self, example: Mapping[str, Any], reply: bool = True) -> list[dict[str, str]]:
-        messages = messages_of(example, *self.fields, reply=reply)
+        messages = messages_of(example, *self.fields, reply=reply, reads=self.renderer.reads, template=self.renderer.name)
         if self.system is not None and messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": self.system})
         return messages

@@ -70,6 +70,9 @@ def test_a_reasoning_template_gives_one_record_per_training_row(monkeypatch, tmp
     ({"messages": [{"role": "user", "content": [{"type": "image"}]}, {"role": "assistant", "content": "y"}]},
      "field 'messages[0].content': images and other content parts are not supported yet; give the text as a string"),
     ({"messages": [{"role": "user", "content": "x"}]}, "field 'messages': has no assistant message to learn"),
+    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "reasoning_content": "r", "content": "y"}]},
+     "field 'messages[1].reasoning_content': the chat template of TOK does not read it, so training would drop it; "
+     "put the reasoning in the content as the model writes it, or use a template that reads reasoning_content"),
     ({"messages": [{"role": "user", "content": "x\U0010f000"}, {"role": "assistant", "content": "y"}]},
      "field 'messages[0].content': holds a character in U+10F000-U+10FFFF, which sftcore reserves for template markers"),
 ])
@@ -78,7 +81,27 @@ def test_a_bad_message_is_named_by_file_row_index_and_field(monkeypatch, tmp_pat
     data = write_jsonl(tmp_path / "chat.jsonl", [TWO_TURNS, row])
     done = preview(monkeypatch, tok_dir, data)
     assert done.exit_code == 1
-    assert done.output.strip().splitlines()[-1] == f"Error: {data}, row 2, {message}"
+    assert done.output.strip().splitlines()[-1] == f"Error: {data}, row 2, {message.replace('TOK', str(tok_dir))}"
+
+
+@pytest.mark.parametrize("name, field, trained", [
+    ("qwen3", "reasoning_content", "<think>\nthe user <|im_end|> greets\n</think>\n\nHello<|im_end|>"),
+    ("gptoss", "thinking", "<|channel|>analysis<|message|>the user <|im_end|> greets<|end|><|start|>assistant"
+     "<|channel|>final<|message|>Hello<|return|>"),
+])
+def test_the_reasoning_a_template_reads_is_trained_and_its_marker_strings_stay_text(
+    monkeypatch, tmp_path, chat_templates, name, field, trained
+):
+    tok_dir = tokenizer_dir(tmp_path, chat_templates, name)
+    row = {"messages": [{"role": "user", "content": "Hi there"},
+                        {"role": "assistant", field: "the user <|im_end|> greets", "content": "Hello"}]}
+    done = preview(monkeypatch, tok_dir, write_jsonl(tmp_path / "chat.jsonl", [row]), "--json")
+    assert done.exit_code == 0, done.output
+    [record] = json_lines(done.output)
+    tok = FAMILIES[name].tokenizer()
+    assert tok.decode([i for i, label in zip(record["input_ids"], record["labels"]) if label != IGNORE_INDEX]) == trained
+    marker = tok.convert_tokens_to_ids("<|im_end|>")
+    assert record["input_ids"].count(marker) == (2 if name == "qwen3" else 0)  # the template's own only
 
 
 def test_a_template_that_cannot_be_trained_honestly_is_refused(monkeypatch, tmp_path, chat_templates):

@@ -34,14 +34,18 @@ REASONING_TAGS = frozenset({"<think>", "</think>"})
 _ESCAPE, _CODE, _END = 0x10F000, 0x10F800, 0x110000
 _RESERVED = re.compile(f"[{chr(_ESCAPE)}-{chr(_END - 1)}]")
 TRAIN_ON = ("assistant", "last", "all")
+# A message's reasoning, where templates read it (Qwen3 reasoning_content, gpt-oss thinking): passed, escaped as content.
+REASONING_FIELDS = ("reasoning_content", "reasoning", "thinking")
 
 
 def messages_of(
-    example: Mapping[str, Any], messages_field: str, conversations_field: str, *, reply: bool = True
+    example: Mapping[str, Any], messages_field: str, conversations_field: str, *, reply: bool = True,
+    reads: frozenset[str] = frozenset(), template: str = "in use",
 ) -> list[dict[str, str]]:
     """The row's conversation as ``{"role", "content"}`` dicts: OpenAI ``messages`` or ShareGPT
     ``conversations`` (``from``: system/human/gpt, ``value``); a bad message is a `FieldError`
-    naming its index and key. ``reply``: it must hold an assistant message to learn."""
+    naming its index and key. ``reply``: it must hold an assistant message to learn. ``reads``:
+    the `REASONING_FIELDS` the chat ``template`` reads; a message with another is refused."""
     if messages_field in example:
         field, role_key, content_key, roles = messages_field, "role", "content", {r: r for r in ROLES}
     elif conversations_field in example:
@@ -69,11 +73,31 @@ def messages_of(
         if not isinstance(content, str):
             got = "missing" if content is None else type(content).__name__
             raise FieldError(f"{where}.{content_key}", f"must be a string, got {got}", reason="wrong-type")
-        if _RESERVED.search(content):
-            raise FieldError(f"{where}.{content_key}", "holds a character in U+10F000-U+10FFFF, which sftcore reserves for template markers", reason="bad-text")
-        out.append({"role": role, "content": content})
+        _check_text(f"{where}.{content_key}", content)
+        out.append({"role": role, "content": content, **_reasoning(message, where, reads, template)})
     if reply and not any(m["role"] == "assistant" for m in out):
         raise FieldError(field, "has no assistant message to learn", reason="no-reply")
+    return out
+
+
+def _check_text(where: str, text: str) -> None:
+    if _RESERVED.search(text):
+        raise FieldError(where, "holds a character in U+10F000-U+10FFFF, which sftcore reserves for template markers", reason="bad-text")
+
+
+def _reasoning(message: Mapping[str, Any], where: str, reads: frozenset[str], template: str) -> dict[str, str]:
+    """The message's reasoning fields, each a string the template reads (never dropped unsaid)."""
+    out = {}
+    for key in REASONING_FIELDS:
+        if message.get(key) is None:
+            continue
+        if key not in reads:
+            raise FieldError(f"{where}.{key}", f"the chat template {template} does not read it, so training would drop it; put the reasoning "
+                             f"in the content as the model writes it, or use a template that reads {key}", reason="unsupported")
+        if not isinstance(message[key], str):
+            raise FieldError(f"{where}.{key}", f"must be a string, got {type(message[key]).__name__}", reason="wrong-type")
+        _check_text(f"{where}.{key}", message[key])
+        out[key] = message[key]
     return out
 
 
@@ -175,6 +199,8 @@ class ChatRenderer:
         from transformers.utils.chat_template_utils import _compile_jinja_template
 
         self.name = name
+        # the reasoning fields its text reads (message.thinking, "thinking" in message)
+        self.reads = frozenset(k for k in REASONING_FIELDS if re.search(rf"\.{k}\b|['\"]{k}['\"]", template))
         self.compiled = _compile_jinja_template(template)  # the compiler and cache apply_chat_template uses
         self.variables = dict(tokenizer.special_tokens_map)  # bos_token, eos_token... as apply_chat_template passes them
         specials = {str(t) for t in tokenizer.all_special_tokens}
@@ -199,7 +225,7 @@ class ChatRenderer:
 
     def escape(self, messages: Sequence[Mapping[str, str]]) -> list[dict[str, str]]:
         sub = lambda m: chr(_ESCAPE + self.index[m.group()])  # noqa: E731
-        return [{**m, "content": self.find.sub(sub, m["content"])} for m in messages]
+        return [{**m, **{k: self.find.sub(sub, m[k]) for k in ("content", *REASONING_FIELDS) if k in m}} for m in messages]
 
     def render(self, escaped: Sequence[Mapping[str, str]], generation_prompt: bool) -> str:
         """The template's text, contents escaped; a template that raises is the row's `FieldError`."""
