@@ -70,6 +70,12 @@ def test_a_reasoning_template_gives_one_record_per_training_row(monkeypatch, tmp
     ({"messages": [{"role": "user", "content": [{"type": "image"}]}, {"role": "assistant", "content": "y"}]},
      "field 'messages[0].content': images and other content parts are not supported yet; give the text as a string"),
     ({"messages": [{"role": "user", "content": "x"}]}, "field 'messages': has no assistant message to learn"),
+    *[({**TWO_TURNS, key: value}, f"field '{key}': images, tools and functions are not supported yet (the chat template "
+       "would train without them); leave such rows out (--on-bad-row skip)")
+      for key, value in (("images", ["cat.png"]), ("tools", [{"type": "function"}]), ("functions", [{"name": "f"}]),
+                         ("function_call", {"name": "f"}))],
+    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "", "function_call": {"name": "f"}}]},
+     "field 'messages[1]': tool calls and tool results are not supported yet; leave such rows out (--on-bad-row skip)"),
     ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "reasoning_content": "r", "content": "y"}]},
      "field 'messages[1].reasoning_content': the chat template of TOK does not read it, so training would drop it; "
      "put the reasoning in the content as the model writes it, or use a template that reads reasoning_content"),

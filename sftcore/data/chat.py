@@ -36,6 +36,8 @@ _RESERVED = re.compile(f"[{chr(_ESCAPE)}-{chr(_END - 1)}]")
 TRAIN_ON = ("assistant", "last", "all")
 # A message's reasoning, where templates read it (Qwen3 reasoning_content, gpt-oss thinking): passed, escaped as content.
 REASONING_FIELDS = ("reasoning_content", "reasoning", "thinking")
+# Row keys the template would need but sftcore does not give it yet: such a row would train without them.
+UNSUPPORTED_KEYS = ("images", "image", "videos", "tools", "functions", "function_call")
 
 
 def messages_of(
@@ -46,6 +48,10 @@ def messages_of(
     ``conversations`` (``from``: system/human/gpt, ``value``); a bad message is a `FieldError`
     naming its index and key. ``reply``: it must hold an assistant message to learn. ``reads``:
     the `REASONING_FIELDS` the chat ``template`` reads; a message with another is refused."""
+    for key in UNSUPPORTED_KEYS:
+        if example.get(key):
+            raise FieldError(key, "images, tools and functions are not supported yet (the chat template would train without them); "
+                             "leave such rows out (--on-bad-row skip)", reason="unsupported")
     if messages_field in example:
         field, role_key, content_key, roles = messages_field, "role", "content", {r: r for r in ROLES}
     elif conversations_field in example:
@@ -62,7 +68,7 @@ def messages_of(
         where = f"{field}[{i}]"
         if not isinstance(message, Mapping):
             raise FieldError(where, f"must be an object with {role_key} and {content_key}", reason="wrong-type")
-        if message.get("tool_calls") or message.get(role_key) in ("tool", "function", "ipython", "function_call", "observation"):
+        if message.get("tool_calls") or message.get("function_call") or message.get(role_key) in ("tool", "function", "ipython", "function_call", "observation"):
             raise FieldError(where, "tool calls and tool results are not supported yet; leave such rows out (--on-bad-row skip)", reason="unsupported")
         role = roles.get(message.get(role_key)) if isinstance(message.get(role_key), str) else None
         if role is None:
