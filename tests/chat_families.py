@@ -187,6 +187,16 @@ def harmony() -> PreTrainedTokenizerFast:
     return _wrap(tok, eos_token="<|return|>", pad_token="<|endoftext|>", additional_special_tokens=specials)
 
 
+@functools.cache
+def glm() -> PreTrainedTokenizerFast:
+    """GLM-4.5: ``[gMASK]<sop>`` written by the template, role tokens special, EOS ``<|endoftext|>``."""
+    specials = ["<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>", "<|assistant|>",
+                "<|observation|>"]
+    tok = _train(_byte_level(QWEN_SPLIT), specials, byte_level=True)
+    tok.decoder = decoders.ByteLevel()
+    return _wrap(tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>", additional_special_tokens=specials[1:])
+
+
 MISTRAL_WHEEL = "mistral-common==1.13.1"
 MISTRAL_NEEDS = ["requests", "pillow", "jsonschema", "tiktoken", "pydantic-extra-types[pycountry]"]
 MISTRAL_TEMPLATE = """
@@ -298,9 +308,10 @@ class Family:
     exact_decode: bool = True  # decoding ids gives back the text (no whitespace stripped by a turn token)
     nonblank: bool = False  # the template refuses empty messages
     splits: bool = False  # rendering later turns changes earlier ones: each turn a row of its own
-    refused: bool = False  # replies never continue the generation prompt: the template is refused
+    refused: str = ""  # replies never continue the generation prompt: what it adds, for which the template is refused
 
 
+DEEPSEEK_OPENS = "<｜Assistant｜><think>\n"
 FAMILIES = {
     "qwen2_5": Family("qwen2_5.jinja", qwen, True, lambda c, last: c + "<|im_end|>", ("<|im_start|>", "<|im_end|>", "<|endoftext|>")),
     "qwen3": Family("qwen3.jinja", qwen, True, _qwen3_reply, ("<|im_start|>", "<|im_end|>", "<|endoftext|>"), splits=True),
@@ -315,10 +326,13 @@ FAMILIES = {
     "phi3": Family("phi3.jinja", phi3, True, lambda c, last: c + "<|end|>",
                    ("<s>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>", "<|endoftext|>"), exact_decode=False),
     "deepseekv3": Family("deepseekv3.jinja", deepseek, True, lambda c, last: c.split("</think>")[-1] + "<｜end▁of▁sentence｜>",
-                         ("<｜begin▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>", "<｜end▁of▁sentence｜>"), refused=True),
+                         ("<｜begin▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>", "<｜end▁of▁sentence｜>"), refused=DEEPSEEK_OPENS),
     "deepseek_r1_distill": Family("deepseek_r1_distill.jinja", deepseek, True,
                                   lambda c, last: c.split("</think>")[-1] + "<｜end▁of▁sentence｜>",
-                                  ("<｜begin▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>", "<｜end▁of▁sentence｜>"), refused=True),
+                                  ("<｜begin▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>", "<｜end▁of▁sentence｜>"), refused=DEEPSEEK_OPENS),
+    # Nemotron 3 opens a think block in the generation prompt; its turns render "<think></think>" closed.
+    "nemotron_3_nano": Family("nemotron_3_nano.jinja", qwen, True, lambda c, last: c + "<|im_end|>",
+                              ("<|im_start|>", "<|im_end|>", "<|endoftext|>"), refused="<|im_start|>assistant\n<think>\n"),
     # The generation prompt ends "<|start|>assistant": the model writes its channel, the message and <|return|>.
     # Earlier turns end <|end|> in a later turn's history, so each turn trains in a row of its own.
     "gptoss": Family("gptoss.jinja", harmony, True, lambda c, last: f"<|channel|>final<|message|>{c}<|return|>",

@@ -115,7 +115,7 @@ def test_a_template_that_cannot_be_trained_honestly_is_refused(monkeypatch, tmp_
     done = preview(monkeypatch, tok_dir, write_jsonl(tmp_path / "chat.jsonl", [TWO_TURNS]))
     assert done.exit_code != 0
     assert done.output.strip().splitlines()[-1].startswith(
-        f"Error: the chat template of {tok_dir} ends its generation prompt with '<think>\\n'"
+        f"Error: the chat template of {tok_dir} adds '<｜Assistant｜><think>\\n' for its generation prompt"
     )
 
 

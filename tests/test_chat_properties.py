@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from chat_families import FAMILIES, MISTRAL, gemma, mistral_template, or_skip, real_qwen, templates
+from chat_families import FAMILIES, MISTRAL, gemma, glm, mistral_template, or_skip, real_qwen, templates
 from sftcore import IGNORE_INDEX
 from sftcore.data.chat import ChatRenderer, probe
 from sftcore.data.segments import encode_prompt_texts, fit_whole, mask_examples
@@ -148,14 +148,26 @@ def test_a_template_whose_replies_never_continue_its_prompt_is_refused(name, cha
     with pytest.raises(UsageError) as refused:
         probe(renderer)
     assert str(refused.value) == (
-        f"the chat template {family.template} ends its generation prompt with '<think>\\n', which its rendering of "
-        "an assistant turn does not contain, so no turn can be trained on the prompt the model gets at inference; "
+        f"the chat template {family.template} adds {family.refused!r} for its generation prompt, which its rendering of "
+        "an assistant turn does not continue, so no turn can be trained on the prompt the model gets at inference; "
         "pass --template-opt chat_template=FILE.jinja with a template whose turns continue its generation prompt"
     )
     # Each turn on its own is left out for that reason, never trained on a prompt it does not get.
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
     [outcome] = mask_examples([renderer.segments(messages, "assistant")], tok, MAX_LENGTH, lambda p, r: fit_whole(p, r, MAX_LENGTH))
     assert outcome.rows == [] and outcome.left_out == ["reply-not-after-prompt"]
+
+
+def test_a_template_whose_turns_end_without_a_marker_is_refused(chat_templates):
+    tok = glm()
+    text = (chat_templates / "glm4moe.jinja").read_text(encoding="utf-8")  # GLM-4.5 ends a reply at the next role token
+    with pytest.raises(UsageError) as refused:
+        probe(ChatRenderer(tok, text, "glm4moe.jinja"))
+    assert str(refused.value) == (
+        "the chat template glm4moe.jinja writes '\\n<think></think>\\nHi there.' for the reply 'Hi there.', with no end-of-turn "
+        "marker (<｜end▁of▁sentence｜>, <end_of_turn>, <|endoftext|>, <|eot_id|>, <|im_end|>, <|end|>), so the model would never "
+        "learn to stop; pass --template-opt chat_template=FILE.jinja with a template that ends each turn with one"
+    )
 
 
 def test_qwen3_gives_each_turn_a_row_with_the_history_it_renders_at_inference(chat_templates):

@@ -329,11 +329,17 @@ def probe(renderer: ChatRenderer) -> None:
             "before its end marker; pass --template-opt chat_template=FILE.jinja with a template that writes the reply"
         )
     if reason == "reply-not-after-prompt":
-        opened = renderer.text(prompt[_common(prompt, whole) :])
+        added = renderer.text(prompt[len(bare) :] if prompt.startswith(bare) else prompt[_common(prompt, whole) :])
         raise UsageError(
-            f"the chat template {renderer.name} ends its generation prompt with {str(opened)!r}, which its rendering of "
-            "an assistant turn does not contain, so no turn can be trained on the prompt the model gets at inference; "
+            f"the chat template {renderer.name} adds {str(added)!r} for its generation prompt, which its rendering of "
+            "an assistant turn does not continue, so no turn can be trained on the prompt the model gets at inference; "
             "pass --template-opt chat_template=FILE.jinja with a template whose turns continue its generation prompt"
+        )
+    if reason == "no-end-marker":
+        raise UsageError(
+            f"the chat template {renderer.name} writes {str(renderer.text(whole[len(prompt) :]))!r} for the reply 'Hi there.', "
+            f"with no end-of-turn marker ({', '.join(renderer.ends)}), so the model would never learn to stop; pass "
+            "--template-opt chat_template=FILE.jinja with a template that ends each turn with one"
         )
 
 
