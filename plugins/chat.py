@@ -51,7 +51,7 @@ class ChatTemplate:
         if not self._split_said and any(s.restart for s in segments):
             self._split_said = True
             log.info(
-                "chat template %s renders earlier turns differently once later turns follow (it drops their reasoning): "
+                "chat template %s renders earlier turns differently once later turns follow: "
                 "each assistant turn trains in a row of its own, with the history the model gets at inference",
                 self.renderer.name,
             )
