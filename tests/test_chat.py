@@ -50,6 +50,16 @@ def test_each_assistant_turn_is_trained_and_marker_text_stays_text(monkeypatch, 
     assert shown.output.splitlines()[-1] == "2 rows kept, 0 dropped, 0 skipped; 11 tokens trained in 3 turns; max_length 2048"
 
 
+def test_messages_of_either_style_are_read_under_either_field(monkeypatch, tmp_path, chat_templates):
+    tok_dir = tokenizer_dir(tmp_path, chat_templates, "qwen2_5")
+    swapped = [{"conversations": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]},
+               {"messages": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]}]
+    done = preview(monkeypatch, tok_dir, write_jsonl(tmp_path / "swapped.jsonl", swapped), "--json")
+    ours = preview(monkeypatch, tok_dir, write_jsonl(tmp_path / "chat.jsonl", [SHAREGPT, SHAREGPT]), "--json")
+    assert done.exit_code == 0, done.output
+    assert [r["input_ids"] for r in json_lines(done.output)] == [r["input_ids"] for r in json_lines(ours.output)]
+
+
 def test_a_reasoning_template_gives_one_record_per_training_row(monkeypatch, tmp_path, chat_templates):
     tok_dir = tokenizer_dir(tmp_path, chat_templates, "qwen3")
     done = preview(monkeypatch, tok_dir, write_jsonl(tmp_path / "chat.jsonl", [TWO_TURNS]), "--json")

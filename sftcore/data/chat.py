@@ -25,6 +25,8 @@ from sftcore.errors import FieldError, UsageError
 
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+# A message's keys say its style, under either field: OpenAI (role, content) or ShareGPT (from, value).
+STYLES = {"role": ("role", "content", {r: r for r in ROLES}), "from": ("from", "value", SHAREGPT_ROLES)}
 # Ends of a turn that a tokenizer may lack as tokens (ChatML on a tokenizer without <|im_end|>): still markers.
 END_TEXTS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<｜end▁of▁sentence｜>")
 # Harmony (gpt-oss) closes each message with <|end|>, an analysis one inside a turn too; only these end the turn.
@@ -45,7 +47,7 @@ def messages_of(
     reads: frozenset[str] = frozenset(), template: str = "in use",
 ) -> list[dict[str, str]]:
     """The row's conversation as ``{"role", "content"}`` dicts: OpenAI ``messages`` or ShareGPT
-    ``conversations`` (``from``: system/human/gpt, ``value``); a bad message is a `FieldError`
+    ``conversations`` (``from``: system/human/gpt, ``value``), either style under either field; a bad message is a `FieldError`
     naming its index and key. ``reply``: it must hold an assistant message to learn. ``reads``:
     the `REASONING_FIELDS` the chat ``template`` reads; a message with another is refused."""
     for key in UNSUPPORTED_KEYS:
@@ -53,9 +55,9 @@ def messages_of(
             raise FieldError(key, "images, tools and functions are not supported yet (the chat template would train without them); "
                              "leave such rows out (--on-bad-row skip)", reason="unsupported")
     if messages_field in example:
-        field, role_key, content_key, roles = messages_field, "role", "content", {r: r for r in ROLES}
+        field, default = messages_field, "role"
     elif conversations_field in example:
-        field, role_key, content_key, roles = conversations_field, "from", "value", SHAREGPT_ROLES
+        field, default = conversations_field, "from"
     else:
         raise FieldError(messages_field, f"is missing (a ShareGPT row has '{conversations_field}')", reason="missing-field")
     messages = example[field]
@@ -66,6 +68,8 @@ def messages_of(
     out = []
     for i, message in enumerate(messages):
         where = f"{field}[{i}]"
+        style = next((key for key in STYLES if isinstance(message, Mapping) and key in message), default)
+        role_key, content_key, roles = STYLES[style]
         if not isinstance(message, Mapping):
             raise FieldError(where, f"must be an object with {role_key} and {content_key}", reason="wrong-type")
         if message.get("tool_calls") or message.get("function_call") or message.get(role_key) in ("tool", "function", "ipython", "function_call", "observation"):
