@@ -197,6 +197,17 @@ def glm() -> PreTrainedTokenizerFast:
     return _wrap(tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>", additional_special_tokens=specials[1:])
 
 
+def from_template(text: str) -> PreTrainedTokenizerFast:
+    """A tokenizer whose special tokens are the ``<|...|>`` and ``<...|>`` markers ``text`` writes,
+    with ``<|endoftext|>`` as EOS: what ends a turn is then the template's marker, never EOS."""
+    import re
+
+    specials = ["<|endoftext|>", *sorted(set(re.findall(r"<\|[A-Za-z_0-9]+\|>|<\|?[a-z_]+\|>|<\|[a-z]+>", text)))]
+    tok = _train(_byte_level(QWEN_SPLIT), specials, byte_level=True)
+    tok.decoder = decoders.ByteLevel()
+    return _wrap(tok, eos_token="<|endoftext|>", additional_special_tokens=specials[1:])
+
+
 MISTRAL_WHEEL = "mistral-common==1.13.1"
 MISTRAL_NEEDS = ["requests", "pillow", "jsonschema", "tiktoken", "pydantic-extra-types[pycountry]"]
 MISTRAL_TEMPLATE = """

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from chat_families import FAMILIES, MISTRAL, gemma, glm, mistral_template, or_skip, real_qwen, templates
+from chat_families import FAMILIES, MISTRAL, from_template, gemma, glm, mistral_template, or_skip, real_qwen, templates
 from sftcore import IGNORE_INDEX
 from sftcore.data.chat import ChatRenderer, probe
 from sftcore.data.segments import encode_prompt_texts, fit_whole, mask_examples
@@ -158,6 +158,20 @@ def test_a_template_whose_replies_never_continue_its_prompt_is_refused(name, cha
     assert outcome.rows == [] and outcome.left_out == ["reply-not-after-prompt"]
 
 
+@pytest.mark.parametrize("name, reply", [
+    ("muse_glimmer.jinja", " to=user<|message|>Hi there.<|eot|>"),  # the recipient is the model's to write
+    ("cohere.jinja", "Hi there.<|END_OF_TURN_TOKEN|>"),
+    ("cohere2.jinja", "Hi there.<|END_RESPONSE|><|END_OF_TURN_TOKEN|>"),
+    ("gemma4.jinja", "Hi there.<turn|>"),
+])
+def test_a_reply_is_trained_through_its_end_of_turn_marker_past_other_special_tokens(chat_templates, name, reply):
+    text = (chat_templates / name).read_text(encoding="utf-8")
+    renderer = ChatRenderer(from_template(text), text, name)
+    probe(renderer)
+    messages = [{"role": "user", "content": "Hello."}, {"role": "assistant", "content": "Hi there."}]
+    assert [str(s) for s in renderer.segments(messages, "assistant") if s.trained] == [reply]
+
+
 def test_a_template_whose_turns_end_without_a_marker_is_refused(chat_templates):
     tok = glm()
     text = (chat_templates / "glm4moe.jinja").read_text(encoding="utf-8")  # GLM-4.5 ends a reply at the next role token
@@ -165,8 +179,7 @@ def test_a_template_whose_turns_end_without_a_marker_is_refused(chat_templates):
         probe(ChatRenderer(tok, text, "glm4moe.jinja"))
     assert str(refused.value) == (
         "the chat template glm4moe.jinja writes '\\n<think></think>\\nHi there.' for the reply 'Hi there.', with no end-of-turn "
-        "marker (<｜end▁of▁sentence｜>, <end_of_turn>, <|endoftext|>, <|eot_id|>, <|im_end|>, <|end|>), so the model would never "
-        "learn to stop; pass --template-opt chat_template=FILE.jinja with a template that ends each turn with one"
+        "marker (<|endoftext|>), so the model would never learn to stop; pass --template-opt chat_template=FILE.jinja with a template that ends each turn with one"
     )
 
 

@@ -28,7 +28,9 @@ SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "a
 # A message's keys say its style, under either field: OpenAI (role, content) or ShareGPT (from, value).
 STYLES = {"role": ("role", "content", {r: r for r in ROLES}), "from": ("from", "value", SHAREGPT_ROLES)}
 # Ends of a turn that a tokenizer may lack as tokens (ChatML on a tokenizer without <|im_end|>): still markers.
-END_TEXTS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<｜end▁of▁sentence｜>")
+# Cohere's, Gemma 4's, muse-glimmer's and SmolVLM's too (not <|eom|>: it ends a message inside a turn).
+END_TEXTS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<｜end▁of▁sentence｜>", "<|END_OF_TURN_TOKEN|>",
+             "<turn|>", "<|eot|>", "<end_of_utterance>")
 # Harmony (gpt-oss) closes each message with <|end|>, an analysis one inside a turn too; only these end the turn.
 HARMONY_ENDS = ("<|return|>", "<|call|>")
 REASONING_TAGS = frozenset({"<think>", "</think>"})
@@ -340,9 +342,10 @@ def probe(renderer: ChatRenderer) -> None:
             "pass --template-opt chat_template=FILE.jinja with a template whose turns continue its generation prompt"
         )
     if reason == "no-end-marker":
+        ends = [m for m in renderer.ends if m in renderer.encoder.token_markers] or renderer.ends  # the tokenizer's own
         raise UsageError(
             f"the chat template {renderer.name} writes {str(renderer.text(whole[len(prompt) :]))!r} for the reply 'Hi there.', "
-            f"with no end-of-turn marker ({', '.join(renderer.ends)}), so the model would never learn to stop; pass "
+            f"with no end-of-turn marker ({', '.join(ends)}), so the model would never learn to stop; pass "
             "--template-opt chat_template=FILE.jinja with a template that ends each turn with one"
         )
 
