@@ -322,13 +322,15 @@ def probe(renderer: ChatRenderer) -> None:
         bare = renderer.render(escaped[:1], False)
     except FieldError:
         return  # a template with rules of its own (a required system message): each row's error says so
-    if prompt == bare:
+    reply, reason = renderer.reply(prompt, whole)
+    header = reply.partition(messages[1]["content"])[0] if messages[1]["content"] in reply else ""
+    # Mistral's prompt ends with the user turn's [/INST]: nothing to add, nothing but content after it.
+    if prompt == bare and not reason and header.strip():
         raise UsageError(
             f"the chat template {renderer.name} adds nothing for add_generation_prompt, so the assistant's role header "
             "would be trained as its reply; pass --template-opt chat_template=FILE.jinja with a template that writes "
             "the assistant header when add_generation_prompt is set"
         )
-    reply, reason = renderer.reply(prompt, whole)
     if not reason and messages[1]["content"] not in reply[: renderer.end_find.search(reply).start()]:
         raise UsageError(
             f"the chat template {renderer.name} writes {str(renderer.text(reply))!r} for the reply 'Hi there.', no content "
