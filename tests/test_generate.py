@@ -117,3 +117,16 @@ def test_an_even_number_of_messages_leaves_nothing_to_answer():
     assert conversation(("Hi", "Hello.", "More?"), config)["messages"][-1] == {"role": "user", "content": "More?"}
     with pytest.raises(UsageError, match=r"^--message was given 2 times: give an odd number, user first"):
         conversation(("Hi", "Hello."), config)
+
+
+def test_generation_on_harmony_stops_at_the_end_of_the_turn_not_of_a_message():
+    from chat_families import harmony, qwen
+
+    from sftcore.data.chat import stop_ids
+    from sftcore.data.segments import Rendered
+
+    gptoss, chatml = harmony(), qwen()
+    stops = stop_ids(gptoss, Rendered("<|start|>assistant", "", None))  # a chat prompt; its coded form unused here
+    ids = {t: gptoss.convert_tokens_to_ids(t) for t in ("<|return|>", "<|call|>", "<|end|>")}
+    assert ids["<|return|>"] in stops and ids["<|call|>"] in stops and ids["<|end|>"] not in stops
+    assert chatml.convert_tokens_to_ids("<|im_end|>") in stop_ids(chatml, Rendered("<|im_start|>assistant\n", "", None))

@@ -368,4 +368,5 @@ def stop_ids(tokenizer: Any, prompt: str) -> int | list[int]:
     if not isinstance(prompt, Rendered):
         return eos
     added = tokenizer.get_added_vocab()
-    return list(dict.fromkeys([i for i in [eos] if i is not None] + [added[t] for t in END_TEXTS if t in added]))
+    ends = HARMONY_ENDS if "<|return|>" in added else END_TEXTS  # harmony's <|end|> closes a message, not the turn
+    return list(dict.fromkeys([i for i in [eos] if i is not None] + [added[t] for t in ends if t in added]))
