@@ -192,9 +192,10 @@ def fit(
     # Every process: FSDP and DeepSpeed gather the weights for it; the main process writes.
     trainer.save_model(str(output))  # weights (safetensors) and tokenizer, no optimizer state
     trainer.save_state()
-    if main and is_adapter_dir(output) and before.get(MODEL_CARD) != file_stamps(output).get(MODEL_CARD):
-        (output / MODEL_CARD).unlink(missing_ok=True)  # PEFT's card of blanks, naming a cache path as the base
     model_files = sorted(name for name, stamp in file_stamps(output).items() if before.get(name) != stamp) if main else []
+    if MODEL_CARD in model_files and is_adapter_dir(output):
+        (output / MODEL_CARD).unlink()  # PEFT's card of blanks, naming a cache path as the base
+        model_files.remove(MODEL_CARD)
     # Each process counted only the batches it collated.
     collator.real_tokens, collator.positions = distributed.summed(collator.real_tokens, collator.positions)
     files = [str(p) for p in curve.write(output)] if main else []
